@@ -1,0 +1,1 @@
+"""Lightning callbacks: first-stage export, image logging, data health (FID/CLIP-score follow)."""

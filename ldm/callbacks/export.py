@@ -1,0 +1,98 @@
+"""Export the trained first stage when training ends, with latent statistics measured over all ranks."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ldm.checkpoints import FIRST_STAGE, export_folder
+
+log = logging.getLogger(__name__)
+
+
+class LatentMoments:
+    """Running per-channel sums of z, z^2 and the count, for mean/std that can be summed across ranks."""
+
+    def __init__(self, channels: int, device: torch.device):
+        self.sums = torch.zeros(3, channels, dtype=torch.float64, device=device)
+
+    def update(self, z: torch.Tensor) -> None:
+        z = z.double().transpose(0, 1).flatten(1)  # C x (B*H*W)
+        self.sums[0] += z.sum(1)
+        self.sums[1] += z.pow(2).sum(1)
+        self.sums[2] += z.shape[1]
+
+    def finalize(self, sums: torch.Tensor) -> dict:
+        """Per-channel mean/std and the global std (over all channels), from all-reduced sums."""
+        s, s2, n = sums
+        mean = s / n
+        var = (s2 / n - mean.pow(2)).clamp_min(0)
+        global_mean = s.sum() / n.sum()
+        global_var = s2.sum() / n.sum() - global_mean**2
+        return {"mean": mean.tolist(), "std": var.sqrt().tolist(), "global_mean": float(global_mean),
+                "global_std": float(global_var.clamp_min(0).sqrt()), "values_per_channel": int(n[0].item())}
+
+
+class ExportFirstStage(L.Callback):
+    """On ``on_train_end``: measure latent statistics of posterior samples on ``stats_batches``
+    training batches per rank, sum them over ranks, and export the autoencoder (rank 0) to ``dirpath``.
+    """
+
+    def __init__(self, dirpath: str, stats_batches: int = 50):
+        self.dirpath = Path(dirpath)
+        self.stats_batches = stats_batches
+        self._start = 0.0
+        self._images = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        self._images += len(batch["image"])
+
+    @torch.no_grad()
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        ae = pl_module.autoencoder
+        moments = LatentMoments(ae.embed_dim, pl_module.device)
+        was_training = ae.training
+        ae.eval()
+        gen = torch.Generator(device=pl_module.device).manual_seed(trainer.global_rank)
+        loader = trainer.datamodule.train_dataloader()
+        for batch in itertools.islice(loader, self.stats_batches):
+            moments.update(ae.encode(batch["image"].to(pl_module.device)).sample(gen))
+        ae.train(was_training)
+        sums = trainer.strategy.reduce(moments.sums, reduce_op="sum")
+        return moments.finalize(sums)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            log.info("fast_dev_run: first stage not exported (as Lightning skips checkpoints)")
+            return
+        seconds = time.perf_counter() - self._start
+        images = int(trainer.strategy.reduce(torch.tensor(float(self._images), device=pl_module.device),
+                                             reduce_op="sum").item())
+        stats = self.measure(trainer, pl_module)
+        ae = pl_module.autoencoder
+        ae.latent_mean.copy_(torch.tensor(stats["mean"], dtype=ae.latent_mean.dtype))
+        ae.latent_std.copy_(torch.tensor(stats["std"], dtype=ae.latent_std.dtype))
+        if trainer.is_global_zero:
+            run_config = pl_module.run_config or {}
+            model_config = run_config.get("model", {}).get("autoencoder")
+            if model_config is None:
+                raise RuntimeError("ExportFirstStage needs the module's run_config['model']['autoencoder'] "
+                                   "(set by ldm.training.train) to write a rebuildable config.yaml")
+            metadata = {"downsampling_factor": ae.downsampling_factor, "embed_dim": ae.embed_dim,
+                        "resolution": ae.resolution, "latent_stats": stats, "global_step": trainer.global_step,
+                        "world_size": trainer.world_size, "fit_images": images,
+                        "fit_seconds": round(seconds, 1)}
+            export_folder(self.dirpath, ae, FIRST_STAGE, model_config, metadata, run_config)
+            log.info("first stage (f=%d, %d latent channels) exported to %s; latent std per channel %s",
+                     ae.downsampling_factor, ae.embed_dim, self.dirpath,
+                     [round(s, 3) for s in stats["std"]])
+        trainer.strategy.barrier("export_first_stage")

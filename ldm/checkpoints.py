@@ -1,0 +1,104 @@
+"""Exporting and loading trained models as folders: ``model.safetensors`` + ``config.yaml``.
+
+``config.yaml`` holds ``kind`` (what the folder is), ``model`` (the network's resolved
+``_target_`` node, enough to rebuild it), metadata such as the latent statistics, and the full
+resolved run config for provenance. Weights never go through pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ldm.networks.autoencoder import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+FIRST_STAGE = "first_stage"
+
+
+def export_folder(path: str | Path, model: nn.Module, kind: str, model_config: dict, metadata: dict,
+                  run_config: dict | None = None) -> Path:
+    """Write ``path/{model.safetensors,config.yaml}`` atomically (a sibling temp dir, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"kind": kind})
+        doc = {"kind": kind, "model": model_config, "metadata": metadata, "run_config": run_config or {}}
+        OmegaConf.save(OmegaConf.create(doc), tmp / CONFIG)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s to %s", kind, path)
+    return path
+
+
+def read_export_config(path: str | Path, kind: str, make_hint: str = "") -> tuple[Path, dict[str, Any]]:
+    """Validate an export folder (or its ``model.safetensors``) and return (folder, config)."""
+    path = Path(path)
+    folder = path.parent if path.name == WEIGHTS else path
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        hint = f" Make it with: {make_hint}" if make_hint else ""
+        raise FileNotFoundError(f"no exported {kind} at {folder} (expected {WEIGHTS} and {CONFIG}).{hint}")
+    cfg = OmegaConf.to_container(OmegaConf.load(folder / CONFIG), resolve=True)
+    found = cfg.get("kind")
+    if found != kind:
+        raise ValueError(f"{folder} holds a '{found}' export, not a '{kind}'")
+    return folder, cfg
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Load a safetensors state dict strictly, naming missing and unexpected keys on mismatch."""
+    state = load_file(str(file))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{file} does not match {type(model).__name__}: missing keys {result.missing_keys[:10]}"
+                         f" ({len(result.missing_keys)} in all), unexpected keys {result.unexpected_keys[:10]} "
+                         f"({len(result.unexpected_keys)} in all)")
+
+
+def load_exported(path: str | Path, kind: str, expected: type[nn.Module], make_hint: str = "",
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the network of an export folder, load its weights; frozen and in eval mode."""
+    folder, cfg = read_export_config(path, kind, make_hint)
+    model = instantiate(cfg["model"])
+    if not isinstance(model, expected):
+        raise TypeError(f"{folder}/{CONFIG}: model is {type(model).__name__}, expected {expected.__name__}")
+    load_weights(model, folder / WEIGHTS)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_first_stage(path: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
+    """An exported first stage, latent statistics attached (``latent_mean``/``latent_std`` buffers)."""
+    return load_exported(path, FIRST_STAGE, AutoencoderKL, "python train.py experiment=ae_f8", device)
+
+
+CLASSIFIER = "classifier"
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The exported Fashion-MNIST evaluator classifier."""
+    from ldm.networks.classifier import FashionClassifier
+
+    return load_exported(path, CLASSIFIER, FashionClassifier, "python scripts/train_classifier.py", device)

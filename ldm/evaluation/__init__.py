@@ -1,0 +1,1 @@
+"""Offline evaluation: reconstruction quality and the Fashion-MNIST classifier as a judge."""

@@ -1,0 +1,1 @@
+"""The LightningModules: glue between networks, losses, optimisers and logging — no math here."""

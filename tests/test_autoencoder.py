@@ -1,0 +1,58 @@
+"""Autoencoder network: shapes for every f, posterior and KL against closed forms."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from ldm.networks.autoencoder import AutoencoderKL, DiagonalGaussian
+
+
+@pytest.mark.parametrize("ch_mult,z,f", [((1, 2, 4), 3, 4), ((1, 2, 4, 4), 4, 8), ((1, 2, 4, 4, 4), 16, 16)])
+def test_shapes_for_every_f(ch_mult, z, f):
+    ae = AutoencoderKL(ch=8, ch_mult=ch_mult, num_res_blocks=1, resolution=32, z_channels=z, embed_dim=z,
+                       attn_resolutions=(32 // f,))
+    x = torch.randn(2, 3, 32, 32)
+    post = ae.encode(x)
+    assert ae.downsampling_factor == f
+    assert post.mean.shape == (2, z, 32 // f, 32 // f)
+    assert ae.latent_shape() == (z, 32 // f, 32 // f)
+    xrec, _ = ae(x)
+    assert xrec.shape == x.shape
+
+
+def test_resolution_not_divisible_by_f_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"resolution=36 .* f=8"):
+        AutoencoderKL(ch=8, ch_mult=(1, 2, 4, 4), resolution=36)
+
+
+def test_kl_and_nll_match_torch_distributions():
+    torch.manual_seed(0)
+    moments = torch.randn(3, 8, 4, 4)
+    post = DiagonalGaussian(moments)
+    q = Normal(post.mean, post.std)
+    expected_kl = kl_divergence(q, Normal(torch.zeros_like(post.mean), torch.ones_like(post.std))).sum((1, 2, 3))
+    torch.testing.assert_close(post.kl(), expected_kl, rtol=1e-5, atol=1e-5)
+    x = torch.randn_like(post.mean)
+    torch.testing.assert_close(post.nll(x), -q.log_prob(x).sum((1, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+def test_posterior_sampling_statistics_and_mode():
+    mean = torch.full((1, 2, 64, 64), 1.5)
+    logvar = torch.full((1, 2, 64, 64), math.log(0.25))
+    post = DiagonalGaussian(torch.cat([mean, logvar], 1))
+    z = post.sample(torch.Generator().manual_seed(0))
+    assert abs(z.mean().item() - 1.5) < 0.02
+    assert abs(z.std().item() - 0.5) < 0.02
+    assert torch.equal(post.mode(), mean)
+    # KL of N(0, 1) against N(0, 1) is exactly zero; log-variance is clamped to [-30, 20].
+    assert DiagonalGaussian(torch.zeros(1, 4, 2, 2)).kl().item() == 0.0
+    assert DiagonalGaussian(torch.cat([mean, torch.full_like(mean, 100.0)], 1)).logvar.max().item() == 20.0
+
+
+def test_seeded_sampling_is_reproducible():
+    post = DiagonalGaussian(torch.randn(2, 8, 4, 4))
+    a = post.sample(torch.Generator().manual_seed(3))
+    b = post.sample(torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)

@@ -1,0 +1,108 @@
+"""Stage 1 end to end through the real composed configs (tiny): every experiment, export, bf16, DDP, resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoints import load_first_stage
+from ldm.training import train
+from tests.conftest import ROOT, tiny_overrides
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("ae_*.yaml"))
+
+
+def test_every_autoencoder_experiment_is_found():
+    assert {"ae_f4", "ae_f8", "ae_f16"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_every_experiment(make_cfg, experiment):
+    cfg = make_cfg(experiment, "debug=fdr")
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["val/psnr"]))
+    ch_mult = cfg.model.autoencoder.ch_mult
+    assert cfg.model.autoencoder.embed_dim == {"ae_f4": 3, "ae_f8": 4, "ae_f16": 16}.get(experiment,
+                                                                                         cfg.model.autoencoder.embed_dim)
+    assert 2 ** (len(ch_mult) - 1) == int(experiment.split("_f")[-1])
+
+
+def test_export_then_reload_gives_identical_outputs(make_cfg, tmp_path):
+    cfg = make_cfg("ae_f8", "trainer.max_steps=10", "callbacks.export_first_stage.stats_batches=3",
+                   "model.loss.disc_start=1")
+    metrics = train(cfg)
+    assert "train/d_loss" in metrics  # the discriminator was switched on at batch 1
+    export = Path(cfg.paths.export_dir) / "ae_f8"
+    assert (export / "model.safetensors").is_file() and (export / "config.yaml").is_file()
+    meta = OmegaConf.load(export / "config.yaml").metadata
+    assert meta.downsampling_factor == 8 and meta.embed_dim == 4 and len(meta.latent_stats.std) == 4
+    assert all(s > 0 for s in meta.latent_stats.std)
+    ae = load_first_stage(export)
+    torch.testing.assert_close(ae.latent_std, torch.tensor(list(meta.latent_stats.std), dtype=torch.float32))
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["ldm_config"]["model"]["autoencoder"]["ch_mult"] == [1, 2, 4, 4]
+    ae2 = load_first_stage(export / "model.safetensors")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ae.decode(ae.encode(x).mode()), ae2.decode(ae2.encode(x).mode()), rtol=0,
+                                   atol=0)
+        state = {k[len("autoencoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("autoencoder.")}
+        for k, v in ae.state_dict().items():
+            if k not in ("latent_mean", "latent_std"):
+                torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    assert not ae.training and not any(p.requires_grad for p in ae.parameters())
+    csv = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text()
+    assert "train/rec_loss" in csv and "val/psnr" in csv and "train/kl_loss" in csv
+    assert list((Path(cfg.paths.output_dir) / "images").glob("val_reconstructions_*.png"))
+
+
+def test_missing_export_names_the_command_that_makes_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python train.py experiment=ae_f8"):
+        load_first_stage(tmp_path / "nothing")
+
+
+def test_bf16_mixed_on_cpu(make_cfg):
+    cfg = make_cfg("ae_f8", "trainer.precision=bf16-mixed", "trainer.max_steps=4",
+                   "callbacks.export_first_stage=null")
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/rec_loss"]))
+
+
+def test_resume_from_last_checkpoint(make_cfg):
+    first = make_cfg("ae_f8", "trainer.max_steps=4", "callbacks.export_first_stage=null",
+                     "callbacks.model_checkpoint.every_n_train_steps=2")
+    train(first)
+    resumed = make_cfg("ae_f8", "trainer.max_steps=8", "callbacks.export_first_stage=null",
+                       f"ckpt_path={first.paths.output_dir}")
+    train(resumed)
+    ckpt = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 8
+
+
+def test_unwritable_output_dir_fails_before_training(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = make_cfg("ae_f8", f"paths.output_dir={blocker}/run")
+    with pytest.raises(OSError, match="paths.output_dir=.* is not writable"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tmp_path, data_dir):
+    """The real CLI, 2 gloo processes: trains, validates and exports with statistics from both ranks."""
+    overrides = [o for o in tiny_overrides(tmp_path, data_dir) if not o.startswith("paths.output_dir")]
+    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=ae_f8", "trainer=ddp", "trainer.devices=2",
+           "trainer.max_steps=6", "model.loss.disc_start=1", "callbacks.export_first_stage.stats_batches=2",
+           "hydra.run.dir=" + str(
+               tmp_path / "run"), *overrides, "paths.output_dir=" + str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = OmegaConf.load(tmp_path / "exports" / "ae_f8" / "config.yaml").metadata
+    assert meta.world_size == 2
+    # 2 ranks x 2 batches x 4 images x 4x4 latent positions
+    assert meta.latent_stats.values_per_channel == 2 * 2 * 4 * 16
