@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Stage 1 (f=8 autoencoder), stage 2 (text-conditional U-Net on its latents), then a grid of the ten classes.
 demo: setup
 	$(PY) train.py experiment=ae_f8
+	$(PY) train.py experiment=ldm_f8
+	$(PY) sample.py model_path=exports/ldm_f8 num_images=8 out_dir=samples/demo
 
 test: setup
 	$(PY) -m pytest -q

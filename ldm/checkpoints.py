@@ -90,8 +90,13 @@ def load_exported(path: str | Path, kind: str, expected: type[nn.Module], make_h
 
 
 def load_first_stage(path: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
-    """An exported first stage, latent statistics attached (``latent_mean``/``latent_std`` buffers)."""
-    return load_exported(path, FIRST_STAGE, AutoencoderKL, "python train.py experiment=ae_f8", device)
+    """An exported first stage, latent statistics attached (``latent_mean``/``latent_std`` buffers).
+
+    Its ``export_config`` attribute keeps the folder's config so it can be exported again as is.
+    """
+    model = load_exported(path, FIRST_STAGE, AutoencoderKL, "python train.py experiment=ae_f8", device)
+    model.export_config = read_export_config(path, FIRST_STAGE)[1]
+    return model
 
 
 CLASSIFIER = "classifier"

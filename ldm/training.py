@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,11 +48,23 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that surfaces our own errors (missing export, shape mismatch...)
+    as themselves rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, FileNotFoundError | ValueError | TypeError | KeyError | OSError):
+            raise cause from err
+        raise
+
+
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     """Callbacks and loggers are dicts keyed by name; a null entry switches one off."""
     if not node:
         return []
-    return [instantiate(v) for v in node.values() if v is not None and "_target_" in v]
+    return [build(v) for v in node.values() if v is not None and "_target_" in v]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -62,12 +75,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
 
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
     model.run_config = run_config
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config)
     log.info("training %s: precision %s, %d device(s), output in %s", cfg.task_name, trainer.precision,

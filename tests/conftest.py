@@ -59,3 +59,49 @@ def make_cfg(tmp_path: Path, data_dir: Path):
         return compose_cfg(overrides + list(extra))
 
     return _make
+
+
+FIRST_STAGES = {"ae_f4": ((1, 2, 4), 3), "ae_f8": ((1, 2, 4, 4), 4), "ae_f16": ((1, 2, 4, 4, 4), 16)}
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight first stages for f = 4, 8, 16 at 32 px, exported as train.py would."""
+    from ldm.checkpoints import FIRST_STAGE, export_folder
+    from ldm.networks.autoencoder import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("exports")
+    for i, (name, (ch_mult, z)) in enumerate(FIRST_STAGES.items()):
+        torch.manual_seed(i)
+        cfg = {"_target_": "ldm.networks.autoencoder.AutoencoderKL", "ch": 8, "ch_mult": list(ch_mult),
+               "num_res_blocks": 1, "resolution": TINY_RES, "z_channels": z, "embed_dim": z}
+        ae = AutoencoderKL(**{k: v for k, v in cfg.items() if k != "_target_"})
+        ae.latent_std.fill_(0.5)
+        export_folder(root / name, ae, FIRST_STAGE, cfg, {"downsampling_factor": ae.downsampling_factor})
+    return root
+
+
+def tiny_ldm_overrides(export_dir: Path) -> list[str]:
+    return [
+        f"paths.export_dir={export_dir}", "data.batch_size=4", "data.prepare.batch_size=32",
+        f"data.prepare.samples_per_shard={TINY_SHARD}",
+        f"+data.prepare.image_prepare.limit={TINY_LIMIT}", f"data.prepare.image_prepare.samples_per_shard={TINY_SHARD}",
+        "model.unet.model_channels=16", "model.unet.num_head_channels=8",
+        "model.conditioner.embedders.0.arch.width=16", "model.conditioner.embedders.0.arch.layers=1",
+        "model.conditioner.embedders.0.arch.heads=2", "model.conditioner.embedders.0.arch.context_length=8",
+        "model.conditioner.embedders.0.embed_dim=16", "model.warmup_steps=2",
+        "model.sampling.steps=2", "model.sampling.prompts=[a photo of a bag,a photo of a coat]",
+    ]
+
+
+@pytest.fixture
+def make_ldm_cfg(tmp_path: Path, data_dir: Path, export_dir: Path):
+    """``make_ldm_cfg(experiment, *extra)``: a tiny stage-2 config over the tiny first stages."""
+
+    def _make(experiment: str = "ldm_f8", *extra: str) -> DictConfig:
+        overrides = [f"experiment={experiment}"] + tiny_overrides(tmp_path, data_dir)
+        overrides = [o for o in overrides if not o.startswith(("model.autoencoder", "model.loss", "+data.prepare.limit",
+                                                               "data.prepare.samples_per_shard", "data.batch_size"))]
+        return compose_cfg(overrides + tiny_ldm_overrides(export_dir) + list(extra))
+
+    return _make

@@ -96,3 +96,27 @@ class ExportFirstStage(L.Callback):
                      ae.downsampling_factor, ae.embed_dim, self.dirpath,
                      [round(s, 3) for s in stats["std"]])
         trainer.strategy.barrier("export_first_stage")
+
+
+class ExportPipeline(L.Callback):
+    """On ``on_train_end``: export the latent diffusion model (EMA weights when the EMA callback is on)
+    with a copy of its first stage to ``dirpath`` — one folder ``LatentDiffusionPipeline`` and sample.py load."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            log.info("fast_dev_run: latent diffusion model not exported")
+            return
+        if trainer.is_global_zero:
+            from ldm.callbacks.ema import EMA  # noqa: PLC0415
+
+            ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+            source = ema.averaged_module() if ema is not None and ema.averaged_module() is not None else pl_module
+            pipe = source.pipeline()
+            pipe.config = (pl_module.run_config or {}).get("model", pipe.config)
+            pipe.save_pretrained(self.dirpath, pl_module.run_config)
+            log.info("latent diffusion model (%s weights) exported to %s", "EMA" if source is not pl_module else "raw",
+                     self.dirpath)
+        trainer.strategy.barrier("export_pipeline")

@@ -263,6 +263,31 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
+    def _norm_stats(self, mode: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if mode == "channel":
+            mean, std = self.latent_mean, self.latent_std
+        elif mode == "global":
+            # Pooled over channels (equal counts): var = mean_c(std_c^2 + mean_c^2) - mean_c(mean_c)^2.
+            m = self.latent_mean.mean()
+            std = ((self.latent_std**2 + self.latent_mean**2).mean() - m**2).clamp_min(1e-12).sqrt()
+            mean, std = torch.zeros_like(self.latent_mean), std.expand_as(self.latent_std)
+        elif mode == "none":
+            mean, std = torch.zeros_like(self.latent_mean), torch.ones_like(self.latent_std)
+        else:
+            raise ValueError(f"unknown latent normalisation '{mode}'; expected channel, global or none")
+        shape = (1, -1, 1, 1)
+        return mean.view(shape).to(like), std.view(shape).to(like)
+
+    def normalize_latents(self, z: torch.Tensor, mode: str = "channel") -> torch.Tensor:
+        """Latents -> roughly unit-variance diffusion space: per channel ``(z - mean_c)/std_c`` or, for
+        ``global``, ``z / std`` (Stable Diffusion's scale factor); statistics measured at export."""
+        mean, std = self._norm_stats(mode, z)
+        return (z - mean) / std
+
+    def denormalize_latents(self, z: torch.Tensor, mode: str = "channel") -> torch.Tensor:
+        mean, std = self._norm_stats(mode, z)
+        return z * std + mean
+
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         side = (resolution or self.resolution) // self.downsampling_factor
         return (self.embed_dim, side, side)

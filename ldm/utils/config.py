@@ -25,9 +25,18 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
+def class_prompts() -> list[str]:
+    """The built-in dataset's ten class captions ("a photo of a t-shirt", ...)."""
+    from ldm.data.fashion_mnist import CLASS_NAMES, caption_for
+
+    return [caption_for(i) for i in range(len(CLASS_NAMES))]
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
+    OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
+    OmegaConf.register_new_resolver("ldm.class_prompts", class_prompts, replace=True)
 
 
 register_resolvers()

@@ -1,0 +1,47 @@
+"""Class labels -> learned embeddings, with an extra "null" class for classifier-free guidance."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClassEmbedder(nn.Module):
+    """``num_classes`` labels plus a null label (index ``num_classes``) -> ``embed_dim`` vectors.
+
+    ``output="context"`` gives one cross-attention token (B, 1, D); ``output="y"`` a vector (B, D)
+    added to the U-Net's timestep embedding.
+    """
+
+    input_key = "class_label"
+
+    def __init__(self, num_classes: int, embed_dim: int, output: str = "y", ucg_rate: float = 0.0):
+        super().__init__()
+        if output not in ("context", "y"):
+            raise ValueError(f"ClassEmbedder output must be 'context' or 'y', not '{output}'")
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.output = output
+        self.ucg_rate = ucg_rate
+        self.frozen = False
+        self.embedding = nn.Embedding(num_classes + 1, embed_dim)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def drop(self, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Replace the labels where ``mask`` is True by the null label."""
+        return torch.where(mask.to(labels.device), torch.full_like(labels, self.null_label), labels)
+
+    def null_input(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.embedding.weight.device)
+        bad = (labels < 0) | (labels > self.num_classes)
+        if bad.any():
+            raise ValueError(f"class labels must be in [0, {self.num_classes}] ({self.num_classes} = null); "
+                             f"got {labels[bad].unique().tolist()}")
+        emb = self.embedding(labels)
+        return emb[:, None] if self.output == "context" else emb

@@ -1,0 +1,135 @@
+"""OpenCLIP text encoder as the condition of the U-Net's cross-attention.
+
+Two uses:
+- frozen and pretrained (Stable Diffusion 2 style): an open_clip architecture name plus a
+  pretrained tag (downloaded by open_clip) or a local weights file, tokens from the last or the
+  penultimate layer;
+- trainable from scratch (the LDM paper's jointly trained text transformer): the same tower built
+  from a small config dict — the offline default, since no pretrained weights can be fetched here.
+Tokenisation is open_clip's own BPE tokenizer, which ships with the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+LAYERS = ("last", "penultimate")
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
+            raise ValueError(f"{path}: not a plain weights file that loads with weights_only=True ({err})") from err
+    return state.get("state_dict", state)
+
+
+class OpenCLIPTextEmbedder(nn.Module):
+    """Captions -> (B, context_length, width) token features.
+
+    Args:
+        arch: open_clip model name (e.g. ``"ViT-H-14"``) or a dict of text-tower settings
+            (``width``, ``layers``, ``heads``, ``context_length``, optional ``vocab_size``).
+        pretrained: open_clip pretrained tag (e.g. ``"laion2b_s32b_b79k"``) or a path to a weights file
+            (an open_clip checkpoint, full CLIP or text tower). ``None``: random initialisation.
+        layer: ``last`` or ``penultimate`` (Stable Diffusion 2 uses the penultimate, then ``ln_final``).
+        frozen: no gradients, always in eval mode, outside the optimiser.
+        embed_dim: the expected width (checked), so configs can share it with the U-Net's context_dim.
+    """
+
+    input_key = "caption"
+    output = "context"
+
+    def __init__(self, arch: str | dict[str, Any] = "ViT-H-14", pretrained: str | None = None,
+                 layer: str = "penultimate", frozen: bool = True, ucg_rate: float = 0.0,
+                 embed_dim: int | None = None):
+        super().__init__()
+        if layer not in LAYERS:
+            raise ValueError(f"OpenCLIPTextEmbedder layer must be one of {LAYERS}, not '{layer}'")
+        self.layer = layer
+        self.ucg_rate = ucg_rate
+        self.frozen = frozen
+        if isinstance(arch, str):
+            cfg = open_clip.get_model_config(arch)
+            if cfg is None:
+                raise ValueError(f"unknown open_clip architecture '{arch}' (see open_clip.list_models())")
+            text_cfg = open_clip.model.CLIPTextCfg(**cfg["text_cfg"])
+            self.text = open_clip.model._build_text_tower(cfg["embed_dim"], text_cfg)
+            self.tokenizer = open_clip.get_tokenizer(arch)
+        else:
+            settings = dict(arch)
+            self.text = open_clip.transformer.TextTransformer(
+                context_length=settings.get("context_length", 77), vocab_size=settings.get("vocab_size", 49408),
+                width=settings["width"], heads=settings["heads"], layers=settings["layers"], output_dim=None)
+            self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=settings.get("context_length", 77))
+        if pretrained is not None:
+            self._load_pretrained(arch, pretrained)
+        self.embed_dim = self.text.width
+        if embed_dim is not None and embed_dim != self.embed_dim:
+            raise ValueError(f"OpenCLIPTextEmbedder: embed_dim={embed_dim} but the text tower '{arch}' is "
+                             f"{self.embed_dim} wide")
+        self.context_length = self.text.context_length
+        self._tokens: dict[str, torch.Tensor] = {}
+        if frozen:
+            self.requires_grad_(False)
+            self.text.eval()
+
+    def _load_pretrained(self, arch: str | dict, pretrained: str) -> None:
+        path = Path(pretrained).expanduser()
+        if path.is_file():
+            state = _load_state_dict(path)
+        elif path.suffix or "/" in pretrained:
+            raise FileNotFoundError(f"OpenCLIP text weights file {path} does not exist")
+        else:
+            if not isinstance(arch, str):
+                raise ValueError("a pretrained tag needs an open_clip architecture name, not a dict")
+            try:
+                state = open_clip.create_model(arch, pretrained=pretrained).state_dict()
+            except Exception as err:  # noqa: BLE001 - network/hub failures of every kind
+                raise FileNotFoundError(
+                    f"could not load open_clip weights '{arch}' / '{pretrained}' ({err}). Without internet, download "
+                    f"them elsewhere (open_clip.create_model('{arch}', pretrained='{pretrained}') caches them) "
+                    "and pass the local file as pretrained=/path/to/open_clip_model.safetensors") from err
+        own = set(self.text.state_dict())
+        text_state = {k: v for k, v in state.items() if k in own}
+        missing = sorted(own - set(text_state) - {"attn_mask"})
+        if missing:
+            raise ValueError(f"{pretrained}: text-tower weights missing for {len(missing)} keys, e.g. {missing[:5]}")
+        self.text.load_state_dict(text_state, strict=False)
+
+    def train(self, mode: bool = True) -> OpenCLIPTextEmbedder:
+        return super().train(mode and not self.frozen)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids (B, context_length); each distinct caption is tokenised once and cached."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._tokens]
+        if missing:
+            for caption, ids in zip(missing, self.tokenizer(missing), strict=True):
+                self._tokens[caption] = ids
+        return torch.stack([self._tokens[c] for c in captions])
+
+    def drop(self, captions: list[str], mask: torch.Tensor) -> list[str]:
+        """Replace the captions where ``mask`` is True by the empty caption."""
+        return ["" if m else c for c, m in zip(captions, mask.tolist(), strict=True)]
+
+    def null_input(self, batch_size: int, device: torch.device | None = None) -> list[str]:
+        return [""] * batch_size
+
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        tokens = self.tokenize(list(captions)).to(self.text.token_embedding.weight.device)
+        x, attn_mask = self.text._embeds(tokens)
+        blocks = self.text.transformer.resblocks
+        depth = len(blocks) - (1 if self.layer == "penultimate" else 0)
+        for block in blocks[:depth]:
+            x = block(x, attn_mask=attn_mask)
+        return self.text.ln_final(x)

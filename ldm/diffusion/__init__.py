@@ -1,0 +1,1 @@
+"""Diffusion math, pure: schedules, parameterisations, samplers, guidance. No networks, no Lightning."""

@@ -1,0 +1,288 @@
+"""Sampling from a trained latent diffusion model: text/class-to-image, img2img, inpainting, CFG.
+
+``LatentDiffusionPipeline.from_pretrained(path)`` takes an exported folder (``exports/ldm_f8``) or a
+Lightning ``.ckpt`` of the latent diffusion stage (EMA weights by default). Calling it returns PIL images::
+
+    pipe = LatentDiffusionPipeline.from_pretrained("exports/ldm_f8")
+    images = pipe(prompt="a photo of a sneaker", num_images=4, cfg_scale=4.0, seed=0)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from PIL import Image
+from rich.progress import Progress
+from torch import nn
+
+from ldm.checkpoints import FIRST_STAGE, WEIGHTS, export_folder, load_first_stage, load_weights, read_export_config
+from ldm.conditioning.conditioner import Conditioner
+from ldm.diffusion.guidance import cfg
+from ldm.diffusion.objectives import check_prediction, to_eps
+from ldm.diffusion.samplers import get_sampler, make_timesteps
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.networks.autoencoder import AutoencoderKL
+from ldm.networks.unet import UNet
+
+log = logging.getLogger(__name__)
+
+LATENT_DIFFUSION = "latent_diffusion"
+ImageInput = Image.Image | str | Path | torch.Tensor | np.ndarray
+
+
+def load_image(image: ImageInput, resolution: int, mode: str = "RGB") -> torch.Tensor:
+    """PIL/path/array/tensor -> (1, C, H, W) float in [-1, 1] (RGB) or [0, 1] (mask, mode ``L``), resized."""
+    if isinstance(image, torch.Tensor):
+        t = image.float()
+        t = t[None] if t.dim() == 3 else t
+        if t.shape[-1] != resolution or t.shape[-2] != resolution:
+            t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        return t
+    if isinstance(image, str | Path):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image file {image} does not exist")
+        image = Image.open(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = image.convert(mode).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    arr = torch.from_numpy(np.array(image, dtype=np.float32))
+    arr = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
+    return (arr / 255.0 if mode == "L" else arr / 127.5 - 1.0)[None]
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] BCHW -> list of RGB PIL images."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return [Image.fromarray(a.cpu().numpy()) for a in arr]
+
+
+class LatentDiffusionPipeline:
+    """A U-Net, its Conditioner, the frozen first stage and the noise schedule, ready to sample."""
+
+    def __init__(self, unet: UNet, conditioner: Conditioner, first_stage: AutoencoderKL, schedule: NoiseSchedule,
+                 *, prediction: str = "eps", latent_norm: str = "channel", spacing: str = "trailing"):
+        self.unet = unet
+        self.conditioner = conditioner
+        self.first_stage = first_stage
+        self.schedule = schedule
+        self.prediction = check_prediction(prediction)
+        self.latent_norm = latent_norm
+        self.spacing = spacing
+        self.config: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: str | torch.device) -> LatentDiffusionPipeline:
+        for m in (self.unet, self.conditioner, self.first_stage):
+            m.to(device)
+        return self
+
+    # ----- loading and export -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        ema: bool = True) -> LatentDiffusionPipeline:
+        """An exported folder or a Lightning checkpoint of the latent diffusion stage."""
+        path = Path(path)
+        if path.is_dir() or path.name == WEIGHTS:
+            folder, cfg_ = read_export_config(path, LATENT_DIFFUSION, "python train.py experiment=ldm_f8")
+            pipe = cls._build(cfg_["model"], load_first_stage(folder / "first_stage"))
+            load_weights(_Bundle(pipe.unet, pipe.conditioner), folder / WEIGHTS)
+        elif path.suffix == ".ckpt":
+            pipe = cls._from_checkpoint(path, ema)
+        else:
+            raise FileNotFoundError(f"{path} is neither an exported model folder nor a .ckpt file")
+        pipe.to(device)
+        for m in (pipe.unet, pipe.conditioner, pipe.first_stage):
+            m.eval().requires_grad_(False)
+        return pipe
+
+    @classmethod
+    def _build(cls, model_cfg: dict, first_stage: AutoencoderKL) -> LatentDiffusionPipeline:
+        unet = instantiate(model_cfg["unet"])
+        conditioner = instantiate(model_cfg["conditioner"])
+        schedule = instantiate(model_cfg["schedule"])
+        pipe = cls(unet, conditioner, first_stage, schedule, prediction=model_cfg.get("prediction", "eps"),
+                   latent_norm=model_cfg.get("latent_norm", "channel"), spacing=model_cfg.get("spacing", "trailing"))
+        pipe.config = model_cfg
+        return pipe
+
+    @classmethod
+    def _from_checkpoint(cls, path: Path, ema: bool) -> LatentDiffusionPipeline:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
+            raise ValueError(f"{path}: not a checkpoint that loads with weights_only=True ({err})") from err
+        run_cfg = ckpt.get("ldm_config") if isinstance(ckpt, dict) else None
+        if not run_cfg:
+            raise ValueError(f"{path} carries no ldm_config: not a checkpoint written by this framework's train.py")
+        model_cfg = run_cfg["model"]
+        target = model_cfg.get("_target_", "")
+        if not target.endswith("LatentDiffusionStage"):
+            kind = "an autoencoder (stage 1)" if target.endswith("AutoencoderStage") else f"a '{target}'"
+            raise ValueError(f"{path} is {kind} checkpoint, not a latent diffusion (stage 2) one; "
+                             "sample from a checkpoint of `python train.py experiment=ldm_f8`")
+        pipe = cls._build(model_cfg, load_first_stage(model_cfg["first_stage"]))
+        state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
+        if not ema and "current_model_state" not in ckpt:
+            log.warning("%s holds no separate raw weights (trained without EMA); using its state_dict", path)
+        bundle = _Bundle(pipe.unet, pipe.conditioner)
+        result = bundle.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] in ("unet", "conditioner")},
+                                        strict=False)
+        if result.missing_keys:
+            raise ValueError(f"{path}: missing weights for {result.missing_keys[:10]}")
+        return pipe
+
+    def save_pretrained(self, path: str | Path, run_config: dict | None = None) -> Path:
+        """Export U-Net + conditioner (``model.safetensors``), their config, and the first stage in
+        ``first_stage/``: one self-contained folder."""
+        path = Path(path)
+        fs_export = getattr(self.first_stage, "export_config", None)
+        if fs_export is None:
+            raise ValueError("save_pretrained needs a first stage loaded with ldm.checkpoints.load_first_stage")
+        metadata = {"resolution": self.first_stage.resolution,
+                    "downsampling_factor": self.first_stage.downsampling_factor,
+                    "latent_channels": self.first_stage.embed_dim, "prediction": self.prediction,
+                    "latent_norm": self.latent_norm}
+        export_folder(path, _Bundle(self.unet, self.conditioner), LATENT_DIFFUSION, self.config, metadata,
+                      run_config)
+        export_folder(path / "first_stage", self.first_stage, FIRST_STAGE, fs_export["model"],
+                      fs_export["metadata"], fs_export.get("run_config"))
+        return path
+
+    # ----- sampling -----------------------------------------------------------------------------
+    def model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        out = self.unet(x, t, context=cond.get("context"), y=cond.get("y"))
+        alpha, sigma = self.schedule.alpha_sigma(t, x)
+        return to_eps(self.prediction, x, out, alpha, sigma)
+
+    def _batch(self, prompts: list[str] | None, labels: list[int] | None, n: int) -> dict:
+        batch: dict[str, Any] = {}
+        keys = self.conditioner.input_keys
+        if "caption" in keys:
+            if prompts is None:
+                raise ValueError("this model is conditioned on text: pass prompt=...")
+            batch["caption"] = prompts
+        if "class_label" in keys:
+            if labels is None:
+                raise ValueError("this model is conditioned on class labels: pass class_labels=...")
+            batch["class_label"] = torch.tensor(labels, dtype=torch.long)
+        if not batch:
+            batch["caption"] = [""] * n
+        return batch
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.first_stage.encode(images.to(self.device)).mode()
+        return self.first_stage.normalize_latents(z, self.latent_norm)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.decode(self.first_stage.denormalize_latents(z, self.latent_norm)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+                 class_labels: int | Sequence[int] | None = None, num_images: int | None = None,
+                 sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0, seed: int = 0,
+                 init_image: ImageInput | None = None, strength: float = 0.8, mask: ImageInput | None = None,
+                 eta: float = 0.0, batch_size: int = 32, progress: bool = False,
+                 output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+        """Generate ``num_images`` per prompt (or class label); returns PIL images or a [-1, 1] tensor.
+
+        ``init_image`` + ``strength`` (0: the input's reconstruction, 1: ignore it) is img2img;
+        adding ``mask`` (white = repaint, black = keep) is inpainting: the kept region is re-imposed
+        from the noised original latent after every step and pasted back in pixel space at the end.
+        ``negative_prompt`` replaces the empty prompt in the guidance's unconditional half.
+        """
+        sample_fn = get_sampler(sampler)
+        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        labels = [class_labels] if isinstance(class_labels, int) else (
+            list(class_labels) if class_labels is not None else None)
+        per = num_images or 1
+        base = len(prompts) if prompts is not None else (len(labels) if labels is not None else 1)
+        if prompts is not None and labels is not None and len(prompts) != len(labels):
+            raise ValueError(f"{len(prompts)} prompts but {len(labels)} class labels")
+        expand = (lambda xs: [x for x in xs for _ in range(per)])
+        prompts_all = expand(prompts) if prompts is not None else None
+        labels_all = expand(labels) if labels is not None else None
+        n = base * per
+        if negative_prompt is not None and "caption" not in self.conditioner.input_keys:
+            raise ValueError("negative_prompt needs a text-conditioned model")
+        negs = None
+        if negative_prompt is not None:
+            negs = [negative_prompt] * base if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negs) != base:
+                raise ValueError(f"{len(negs)} negative prompts for {base} prompts")
+            negs = expand(negs)
+
+        device = self.device
+        res = self.first_stage.resolution
+        z_shape = self.first_stage.latent_shape(res)
+        timesteps = make_timesteps(self.schedule.num_timesteps, steps, self.spacing)
+        z_init = pixel_init = pixel_mask = latent_mask = None
+        if init_image is not None:
+            pixel_init = load_image(init_image, res).to(device)
+            z_init = self.encode(pixel_init)
+            if not 0.0 <= strength <= 1.0:
+                raise ValueError(f"strength={strength} must be in [0, 1]")
+            timesteps = timesteps[len(timesteps) - int(round(steps * strength)):]
+        if mask is not None:
+            if init_image is None:
+                raise ValueError("inpainting (mask=...) needs init_image=...")
+            pixel_mask = (load_image(mask, res, mode="L").to(device) > 0.5).float()
+            latent_mask = (F.adaptive_max_pool2d(pixel_mask, z_shape[1:]) > 0.5).float()
+
+        outputs = []
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"{sampler} x {steps}", total=n * len(timesteps))
+            for start in range(0, n, batch_size):
+                idx = list(range(start, min(n, start + batch_size)))
+                b = len(idx)
+                batch = self._batch([prompts_all[i] for i in idx] if prompts_all else None,
+                                    [labels_all[i] for i in idx] if labels_all else None, b)
+                cond = self.conditioner(batch)
+                uncond = self.conditioner.uncond(b, {"caption": [negs[i] for i in idx]} if negs else None)
+                denoise = cfg(self.model_fn, cond, uncond, cfg_scale)
+                noise = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(seed + i))
+                                     for i in idx]).to(device)
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+                after_step = None
+                if z_init is not None and len(timesteps) == 0:
+                    outputs.append(self.decode(z_init.expand(b, -1, -1, -1)))
+                    continue
+                if z_init is None:
+                    x = noise
+                else:
+                    known = z_init.expand(b, -1, -1, -1)
+                    x = self.schedule.q_sample(known, timesteps[:1].expand(b), noise)
+                if latent_mask is not None:
+                    def after_step(x_s: torch.Tensor, s: int, known=known, noise=noise) -> torch.Tensor:
+                        ref = known if s < 0 else self.schedule.q_sample(known, torch.full((len(x_s),), s), noise)
+                        return latent_mask * x_s + (1 - latent_mask) * ref
+
+                kwargs = {"eta": eta} if sampler == "ddim" else {}
+                z = sample_fn(denoise, x, self.schedule, steps, timesteps=timesteps, generator=gen,
+                              callback=lambda *_: bar.advance(task), after_step=after_step, **kwargs)
+                images = self.decode(z)
+                if pixel_mask is not None:
+                    images = pixel_mask * images + (1 - pixel_mask) * pixel_init
+                outputs.append(images)
+        images = torch.cat(outputs)
+        return to_pil(images) if output_type == "pil" else images
+
+
+class _Bundle(nn.Module):
+    """U-Net and conditioner under one state dict (``unet.*``, ``conditioner.*``), as the stage holds them."""
+
+    def __init__(self, unet: nn.Module, conditioner: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.conditioner = conditioner

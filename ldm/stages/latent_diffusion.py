@@ -1,0 +1,148 @@
+"""Stage 2: a conditional U-Net learns to denoise the frozen first stage's latents (eps/v MSE)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ldm.checkpoints import load_first_stage
+from ldm.conditioning.conditioner import Conditioner
+from ldm.diffusion.objectives import check_prediction, diffusion_loss, min_snr_weight, training_target
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.networks.autoencoder import AutoencoderKL
+from ldm.networks.unet import UNet
+from ldm.pipeline import LatentDiffusionPipeline
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class LatentDiffusionStage(L.LightningModule):
+    """Noise-prediction training on latents of an exported, frozen first stage.
+
+    The first stage is held outside the module's parameters, state dict and optimiser (it is
+    only moved with the module); latents are normalised with the statistics measured at its
+    export. ``first_stage`` is the export folder (or an ``AutoencoderKL`` already loaded).
+    """
+
+    def __init__(self, *, unet: UNet, conditioner: Conditioner, first_stage: str | AutoencoderKL,
+                 schedule: NoiseSchedule, optimizer: OptimizerFactory, prediction: str = "eps",
+                 min_snr_gamma: float | None = None, latent_norm: str = "channel", warmup_steps: int = 0,
+                 timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing"):
+        super().__init__()
+        ae = load_first_stage(first_stage) if isinstance(first_stage, str | Path) else first_stage
+        ae.eval().requires_grad_(False)
+        where = first_stage if isinstance(first_stage, str | Path) else "the given first stage"
+        if unet.in_channels != ae.embed_dim or unet.out_channels != ae.embed_dim:
+            raise ValueError(f"model.unet.in_channels={unet.in_channels} / out_channels={unet.out_channels} but "
+                             f"{where} has embed_dim={ae.embed_dim} latent channels; they must be equal")
+        if unet.context_dim != conditioner.context_dim:
+            raise ValueError(f"model.unet.context_dim={unet.context_dim} but the conditioner's context width is "
+                             f"{conditioner.context_dim}; they must be equal")
+        if unet.adm_in_channels != conditioner.adm_dim:
+            raise ValueError(f"model.unet.adm_in_channels={unet.adm_in_channels} but the conditioner's vector (y) "
+                             f"width is {conditioner.adm_dim}; they must be equal")
+        side = ae.resolution // ae.downsampling_factor
+        if side % unet.downsampling:
+            raise ValueError(f"latent side {side} (resolution {ae.resolution} / f={ae.downsampling_factor}) is not "
+                             f"divisible by the U-Net's downsampling {unet.downsampling} (channel_mult)")
+        self.__dict__["first_stage"] = ae  # not a submodule: frozen, outside state dict and optimiser
+        self.unet = unet
+        self.conditioner = conditioner
+        self.schedule = schedule
+        self.prediction = check_prediction(prediction)
+        self.min_snr_gamma = min_snr_gamma
+        self.latent_norm = latent_norm
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.timestep_buckets = timestep_buckets
+        self.sampling = dict(sampling or {})
+        self.spacing = spacing
+        self.run_config: dict[str, Any] | None = None
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> LatentDiffusionStage:
+        super()._apply(fn, recurse)
+        self.first_stage._apply(fn, recurse)
+        return self
+
+    def pipeline(self) -> LatentDiffusionPipeline:
+        """A sampling pipeline over this module's current weights."""
+        pipe = LatentDiffusionPipeline(self.unet, self.conditioner, self.first_stage, self.schedule,
+                                       prediction=self.prediction, latent_norm=self.latent_norm, spacing=self.spacing)
+        if self.run_config is not None:
+            pipe.config = self.run_config["model"]
+        return pipe
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> torch.Tensor:
+        """Normalised z ~ q(z|x): from cached posterior (mean, std) when present, else by encoding images."""
+        if "latent" in batch:
+            mean, std = batch["latent"].float().chunk(2, dim=1)
+            z = mean + std * torch.randn_like(std)
+        else:
+            z = self.first_stage.encode(batch["image"]).sample()
+        return self.first_stage.normalize_latents(z.float(), self.latent_norm)
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample weighted MSE and the timesteps drawn, t ~ U{0..T-1}."""
+        z0 = self.latents(batch)
+        b = z0.shape[0]
+        cond = self.conditioner(batch)
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(self.device)
+        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        x_t = self.schedule.q_sample(z0, t, noise)
+        out = self.unet(x_t, t, context=cond["context"], y=cond["y"])
+        alpha, sigma = self.schedule.alpha_sigma(t, z0)
+        target = training_target(self.prediction, z0, noise, alpha, sigma)
+        weight = min_snr_weight(self.schedule.snr(t), self.min_snr_gamma, self.prediction)
+        return diffusion_loss(out, target, weight), t
+
+    def _log_buckets(self, prefix: str, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        edges = self.schedule.num_timesteps // self.timestep_buckets
+        bucket = (t // edges).clamp(max=self.timestep_buckets - 1)
+        for k in range(self.timestep_buckets):
+            sel = bucket == k
+            if sel.any():
+                self.log(f"{prefix}/loss_t{k * edges}-{(k + 1) * edges - 1}", per_sample[sel].mean(),
+                         batch_size=int(sel.sum()))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        per_sample, t = self.loss(batch)
+        loss = per_sample.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(t))
+        self._log_buckets("train", per_sample.detach(), t)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise and timesteps per batch index: validation losses are comparable across epochs.
+        gen = torch.Generator().manual_seed(10_000 + batch_idx)
+        per_sample, t = self.loss(batch, generator=gen)
+        self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=len(t))
+        self._log_buckets("val", per_sample, t)
+
+    def configure_optimizers(self) -> dict:
+        params = list(self.unet.parameters()) + self.conditioner.trainable_parameters()
+        opt = self.optimizer_factory(params)
+        warmup = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def log_images(self, batch: dict, max_images: int = 10) -> dict[str, torch.Tensor]:
+        """Samples for the fixed prompts/class labels and seed of ``sampling`` (for the image logger)."""
+        s = self.sampling
+        was_training = self.training
+        self.eval()
+        images = self.pipeline()(prompt=s.get("prompts"), class_labels=s.get("class_labels"),
+                                 num_images=s.get("num_images", 1), sampler=s.get("sampler", "dpmpp_2m"),
+                                 steps=s.get("steps", 20), cfg_scale=s.get("cfg_scale", 4.0), seed=s.get("seed", 0),
+                                 output_type="tensor")
+        self.train(was_training)
+        return {"samples": images[:max_images]}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["ldm_config"] = self.run_config

@@ -1,0 +1,54 @@
+"""Sample from a trained model: ``python sample.py prompt="a photo of a sneaker" num_images=8``.
+
+Writes ``grid.png`` (one row per prompt) and the single images to ``out_dir`` and prints the grid's path.
+See configs/sample.yaml for every option (negative prompts, img2img, inpainting, samplers, CFG scale).
+"""
+
+import logging
+import re
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import make_grid
+
+import ldm.utils.config  # noqa: F401  (resolvers)
+from ldm.pipeline import LatentDiffusionPipeline, to_pil
+
+log = logging.getLogger("sample")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "image"
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+def main(cfg: DictConfig) -> str:
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = LatentDiffusionPipeline.from_pretrained(cfg.model_path, device=device, ema=cfg.ema)
+    prompt = OmegaConf.to_object(cfg.prompt) if OmegaConf.is_config(cfg.prompt) else cfg.prompt
+    labels = OmegaConf.to_object(cfg.class_labels) if OmegaConf.is_config(cfg.class_labels) else cfg.class_labels
+    if "caption" not in pipe.conditioner.input_keys:
+        prompt = None
+    images = pipe(prompt=prompt, negative_prompt=cfg.negative_prompt, class_labels=labels,
+                  num_images=cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                  seed=cfg.seed, init_image=cfg.init_image, strength=cfg.strength, mask=cfg.mask, eta=cfg.eta,
+                  batch_size=cfg.batch_size, progress=True, output_type="tensor")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = prompt if prompt is not None else labels
+    names = [names] if isinstance(names, str | int) else list(names or ["sample"])
+    for i, image in enumerate(to_pil(images)):
+        image.save(out / f"{i:04d}_{_slug(str(names[i // cfg.num_images]))}.png")
+    grid = make_grid(images.float().cpu(), nrow=cfg.num_images, padding=2, pad_value=1.0)
+    grid_path = out / "grid.png"
+    to_pil(grid[None])[0].save(grid_path)
+    log.info("%d images from %s (%s, %d steps, cfg %.1f)", len(images), cfg.model_path, cfg.sampler, cfg.steps,
+             cfg.cfg_scale)
+    print(f"sample grid: {grid_path}")
+    return str(grid_path)
+
+
+if __name__ == "__main__":
+    main()

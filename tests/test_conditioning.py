@@ -1,0 +1,98 @@
+"""Embedders and the Conditioner: dropout rate, null conditions, OpenCLIP text towers and their weights."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.conditioning import ClassEmbedder, Conditioner, OpenCLIPTextEmbedder
+
+TINY_TEXT = {"width": 32, "layers": 2, "heads": 2, "context_length": 8}
+
+
+def test_observed_dropout_rate_matches_ucg_rate():
+    """n = 20000 draws of Bernoulli(0.3): standard error 0.0032; we allow 0.015 (about 4.6 SE)."""
+    emb = ClassEmbedder(10, 8, output="y", ucg_rate=0.3)
+    cond = Conditioner([emb], generator_seed=0).train()
+    labels = torch.randint(0, 10, (20000,))
+    seen = {}
+    emb.forward = lambda values: (seen.setdefault("labels", values), torch.zeros(len(values), 8))[1]
+    cond({"class_label": labels})
+    dropped = (seen["labels"] == emb.null_label).float().mean().item()
+    assert abs(dropped - 0.3) < 0.015
+    seen.clear()
+    cond.eval()({"class_label": labels})
+    assert (seen["labels"] == labels).all()  # no dropout outside training
+
+
+def test_caption_dropout_uses_the_empty_caption_per_sample():
+    text = OpenCLIPTextEmbedder(TINY_TEXT, frozen=False, layer="last", ucg_rate=0.5)
+    cond = Conditioner([text], generator_seed=1).train()
+    captions = [f"caption {i}" for i in range(400)]
+    seen = []
+    original = text.forward
+    text.forward = lambda values: (seen.append(list(values)), original(values))[1]
+    out = cond({"caption": captions})
+    assert out["context"].shape == (400, 8, 32) and out["y"] is None
+    empties = sum(c == "" for c in seen[0])
+    assert 150 < empties < 250  # Binomial(400, 0.5): mean 200, SE 10
+    assert all(c == "" or c == captions[i] for i, c in enumerate(seen[0]))
+
+
+def test_force_uncond_and_negative_prompt_conditions():
+    text = OpenCLIPTextEmbedder(TINY_TEXT, frozen=False, layer="last")
+    cls = ClassEmbedder(10, 32, output="context")
+    cond = Conditioner([text, cls]).eval()
+    batch = {"caption": ["a photo of a bag", "a photo of a coat"], "class_label": torch.tensor([8, 4])}
+    out = cond(batch)
+    assert out["context"].shape == (2, 9, 32)  # 8 text tokens + 1 class token
+    null = cond(batch, force_uncond=True)
+    torch.testing.assert_close(null["context"][:, :8], text(["", ""]))
+    torch.testing.assert_close(null["context"][:, 8:], cls(torch.tensor([10, 10])))
+    neg = cond.uncond(2, {"caption": ["blurry", "blurry"]})
+    torch.testing.assert_close(neg["context"][:, :8], text(["blurry", "blurry"]))
+    torch.testing.assert_close(neg["context"][:, 8:], null["context"][:, 8:])
+
+
+def test_context_widths_must_agree():
+    with pytest.raises(ValueError, match="different widths"):
+        Conditioner([OpenCLIPTextEmbedder(TINY_TEXT), ClassEmbedder(10, 16, output="context")])
+
+
+def test_class_embedder_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\]"):
+        ClassEmbedder(10, 4)(torch.tensor([3, 11]))
+
+
+def test_text_layers_frozen_and_trainable():
+    frozen = OpenCLIPTextEmbedder(TINY_TEXT, layer="penultimate", frozen=True)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    frozen.train()
+    assert not frozen.text.training
+    trainable = OpenCLIPTextEmbedder(TINY_TEXT, layer="last", frozen=False)
+    trainable.load_state_dict(frozen.state_dict())
+    assert all(p.requires_grad for p in trainable.parameters())
+    caps = ["a photo of a sneaker"]
+    assert not torch.allclose(frozen(caps), trainable(caps))  # penultimate != last layer
+    assert Conditioner([trainable]).trainable_parameters() and not Conditioner([frozen]).trainable_parameters()
+    with pytest.raises(ValueError, match="embed_dim=64 but the text tower"):
+        OpenCLIPTextEmbedder(TINY_TEXT, embed_dim=64)
+
+
+def test_open_clip_architecture_by_name_with_weights_from_a_local_file(tmp_path):
+    """A real open_clip architecture (by name), random weights the test saves, loaded from the file."""
+    source = OpenCLIPTextEmbedder("RN50", pretrained=None, layer="penultimate")
+    full_clip_like = {k: v for k, v in source.text.state_dict().items()} | {"visual.dummy": torch.zeros(1)}
+    path = tmp_path / "open_clip_rn50.safetensors"
+    save_file(full_clip_like, str(path))
+    loaded = OpenCLIPTextEmbedder("RN50", pretrained=str(path), layer="penultimate")
+    caps = ["a photo of a trouser", "a photo of a bag"]
+    torch.testing.assert_close(loaded(caps), source(caps))
+    assert loaded.embed_dim == 512 and loaded.context_length == 77
+
+
+def test_missing_weights_file_and_unreachable_tag_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OpenCLIPTextEmbedder("RN50", pretrained=str(tmp_path / "nope.safetensors"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="pass the local file as pretrained="):
+        OpenCLIPTextEmbedder("RN50", pretrained="openai")

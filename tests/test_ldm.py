@@ -1,0 +1,151 @@
+"""Stage 2 end to end on tiny configs: every ldm experiment, export, sampling CLI, img2img, inpainting."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.latent_cache import read_manifest, weights_fingerprint
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.training import train
+from tests.conftest import ROOT
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("ldm_*.yaml"))
+
+
+def test_every_ldm_experiment_is_found():
+    assert {"ldm_f4", "ldm_f8", "ldm_f16"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_every_ldm_experiment(make_ldm_cfg, experiment):
+    cfg = make_ldm_cfg(experiment, "debug=fdr")
+    metrics = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
+    cache = Path(cfg.data.prepare.out_dir)
+    manifest = read_manifest(cache)
+    assert manifest["first_stage_sha256"] == weights_fingerprint(cfg.model.first_stage)
+    assert manifest["embed_dim"] == cfg.model.unet.in_channels
+
+
+def test_missing_first_stage_names_the_command(make_ldm_cfg, tmp_path):
+    cfg = make_ldm_cfg("ldm_f8", f"model.first_stage={tmp_path}/nowhere", "debug=fdr")
+    with pytest.raises(FileNotFoundError, match=r"python train.py experiment=ae_f8"):
+        train(cfg)
+
+
+def test_unet_channels_must_match_the_first_stage(make_ldm_cfg):
+    cfg = make_ldm_cfg("ldm_f8", "model.unet.in_channels=3", "debug=fdr")
+    with pytest.raises(ValueError, match=r"model.unet.in_channels=3 .* embed_dim=4 latent channels"):
+        train(cfg)
+    cfg = make_ldm_cfg("ldm_f8", "model.unet.context_dim=32", "debug=fdr")
+    with pytest.raises(ValueError, match=r"model.unet.context_dim=32 but the conditioner's context width is 16"):
+        train(cfg)
+
+
+@pytest.fixture
+def trained(make_ldm_cfg):
+    """A tiny ldm_f8 trained for 6 steps with EMA, checkpointed and exported."""
+    cfg = make_ldm_cfg("ldm_f8", "trainer.max_steps=6", "data.samples_per_epoch=16")
+    train(cfg)
+    return cfg
+
+
+def test_training_checkpoints_ema_and_exports(trained):
+    out = Path(trained.paths.output_dir)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert not any(k.startswith("first_stage") for k in raw)  # the frozen first stage is not trained state
+    key = "unet.input_blocks.0.0.weight"
+    assert not torch.equal(ema[key], raw[key])  # EMA differs from the raw weights
+    export = Path(trained.paths.export_dir) / "ldm_f8"
+    assert (export / "model.safetensors").is_file() and (export / "first_stage" / "model.safetensors").is_file()
+    metrics = (out / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "train/loss_t0-249" in metrics and "val/loss" in metrics
+    assert list((out / "images").glob("val_samples_*.png"))
+
+
+def test_exported_and_checkpoint_pipelines_agree(trained):
+    export = Path(trained.paths.export_dir) / "ldm_f8"
+    ckpt = Path(trained.paths.output_dir) / "checkpoints" / "last.ckpt"
+    a = LatentDiffusionPipeline.from_pretrained(export)
+    b = LatentDiffusionPipeline.from_pretrained(ckpt)
+    kw = dict(prompt=["a photo of a bag", "a photo of a coat"], steps=3, cfg_scale=3.0, seed=5, output_type="tensor")
+    torch.testing.assert_close(a(**kw), b(**kw))
+    raw = LatentDiffusionPipeline.from_pretrained(ckpt, ema=False)
+    assert not torch.allclose(raw(**kw), b(**kw))
+    imgs = a(prompt="a photo of a bag", num_images=3, steps=2, seed=0)
+    assert len(imgs) == 3 and imgs[0].size == (32, 32)
+    again = a(prompt=["a photo of a coat", "a photo of a bag"], num_images=3, steps=2, seed=0, output_type="tensor")
+    torch.testing.assert_close(again[3], a(prompt="a photo of a bag", num_images=3, steps=2, seed=3,
+                                           output_type="tensor")[0])  # image i uses seed + i
+
+
+def test_img2img_strength_zero_is_the_reconstruction_and_inpainting_keeps_the_known_region(trained):
+    pipe = LatentDiffusionPipeline.from_pretrained(Path(trained.paths.export_dir) / "ldm_f8")
+    init = torch.rand(1, 3, 32, 32) * 2 - 1
+    recon = pipe.decode(pipe.encode(init))
+    out = pipe(prompt="a photo of a bag", init_image=init, strength=0.0, steps=10, output_type="tensor")
+    torch.testing.assert_close(out, recon)
+    changed = pipe(prompt="a photo of a bag", init_image=init, strength=0.6, steps=10, output_type="tensor")
+    assert not torch.allclose(changed, recon)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :, 16:] = 1.0  # repaint the right half
+    painted = pipe(prompt="a photo of a bag", init_image=init, mask=mask, strength=1.0, steps=5,
+                   negative_prompt="a photo of a coat", output_type="tensor")
+    torch.testing.assert_close(painted[..., :16], init[..., :16])
+    assert not torch.allclose(painted[..., 16:], init[..., 16:])
+
+
+def _sample_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"out_dir={tmp_path}/samples", "steps=2", "num_images=2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def test_sample_cli_end_to_end(trained, tmp_path):
+    ckpt = Path(trained.paths.output_dir) / "checkpoints" / "last.ckpt"
+    res = _sample_cli(tmp_path, f"model_path={ckpt}", "prompt=[a photo of a bag,a photo of a coat]",
+                      "negative_prompt=a photo of a shirt", "sampler=ddim")
+    assert res.returncode == 0, res.stderr[-2000:]
+    grid = tmp_path / "samples" / "grid.png"
+    assert f"sample grid: {grid}" in res.stdout
+    assert Image.open(grid).size == (2 * 34 + 2, 2 * 34 + 2)
+    assert len(list((tmp_path / "samples").glob("0*_a_photo_of_a_*.png"))) == 4
+
+
+def test_sample_cli_errors(trained, tmp_path, make_cfg):
+    res = _sample_cli(tmp_path, f"model_path={tmp_path}/missing.ckpt")
+    assert res.returncode != 0 and "missing.ckpt does not exist" in res.stderr
+    ae_cfg = make_cfg("ae_f8", "trainer.max_steps=2", "callbacks.export_first_stage=null",
+                      f"paths.output_dir={tmp_path}/ae_run")
+    train(ae_cfg)
+    res = _sample_cli(tmp_path, f"model_path={tmp_path}/ae_run/checkpoints/last.ckpt")
+    assert res.returncode != 0 and "is an autoencoder (stage 1) checkpoint" in res.stderr
+    first_stage = Path(trained.paths.export_dir) / "ae_f8"
+    res = _sample_cli(tmp_path, f"model_path={first_stage}")
+    assert res.returncode != 0 and "holds a 'first_stage' export, not a 'latent_diffusion'" in res.stderr
+
+
+def test_latent_cache_is_reused_and_rebuilt_for_another_first_stage(make_ldm_cfg, export_dir):
+    from ldm.latent_cache import prepare_latent_cache
+
+    cfg = make_ldm_cfg("ldm_f8")
+    prep = cfg.data.prepare
+    splits = {"val": prep.splits.val}
+    from ldm.data.fashion_mnist import prepare
+
+    prepare(prep.image_prepare.out_dir, resolution=32, samples_per_shard=24, limit=96)
+    out = Path(prep.out_dir).parent / "custom"
+    prepare_latent_cache(export_dir / "ae_f8", splits, out, num_workers=0)
+    stamp = (out / "val" / "val-000000.tar").stat().st_mtime_ns
+    prepare_latent_cache(export_dir / "ae_f8", splits, out, num_workers=0)
+    assert (out / "val" / "val-000000.tar").stat().st_mtime_ns == stamp
+    prepare_latent_cache(export_dir / "ae_f4", splits, out, num_workers=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["embed_dim"] == 3 and manifest["first_stage_sha256"] == weights_fingerprint(export_dir / "ae_f4")
