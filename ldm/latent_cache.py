@@ -58,17 +58,20 @@ def _records(loader, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.
 
 def prepare_latent_cache(first_stage: str | Path, splits: dict[str, str], out_dir: str | Path,
                          image_prepare: Callable[[], object] | None = None, batch_size: int = 128,
-                         samples_per_shard: int = 5000, num_workers: int = 2, device: str = "cpu") -> Path:
+                         samples_per_shard: int = 5000, num_workers: int = 2, device: str = "cpu",
+                         limits: dict[str, int | None] | None = None) -> Path:
     """Write ``out_dir/<split>/*.tar`` latent shards for each ``split: image shards`` entry, once.
 
-    Reused when the manifest names the same first-stage weights; ``image_prepare`` (e.g. the built-in
-    dataset's writer) runs first when given.
+    Reused when the manifest names the same first-stage weights and splits; ``image_prepare`` (e.g. the
+    built-in dataset's writer) runs first when given. ``limits`` caps a split's sample count (e.g. the
+    validation subset that training validates on).
     """
+    limits = {k: v for k, v in (limits or {}).items() if v is not None}
     out_dir = Path(out_dir)
     fingerprint = weights_fingerprint(first_stage)
     manifest = read_manifest(out_dir)
     if manifest is not None and manifest.get("first_stage_sha256") == fingerprint and \
-            set(manifest.get("splits", {})) >= set(splits):
+            set(manifest.get("splits", {})) >= set(splits) and manifest.get("limits", {}) == limits:
         return out_dir
     if manifest is not None:
         log.warning("latent cache %s was made with another first stage or splits; rebuilding", out_dir)
@@ -90,14 +93,15 @@ def prepare_latent_cache(first_stage: str | Path, splits: dict[str, str], out_di
     counts = {}
     for split, shards in splits.items():
         dm = WebDataModule(train_shards=shards, val_shards=shards, resolution=ae.resolution, val_batch_size=batch_size,
-                           num_workers=num_workers)
+                           num_workers=num_workers, val_limit=limits.get(split))
         for stale in (out_dir / split).glob("*.tar"):
             stale.unlink()
         written = write_records(_records(dm.val_dataloader(), encode), out_dir / split, split, samples_per_shard)
         counts[split] = {"shards": len(written), "skipped": dm.skipped()["val_skipped"]}
         log.info("latent cache %s: %d shards in %s", split, len(written), out_dir / split)
     doc = {"first_stage": str(first_stage), "first_stage_sha256": fingerprint, "embed_dim": ae.embed_dim,
-           "downsampling_factor": ae.downsampling_factor, "resolution": ae.resolution, "splits": counts}
+           "downsampling_factor": ae.downsampling_factor, "resolution": ae.resolution, "splits": counts,
+           "limits": limits}
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(out_dir / MANIFEST)

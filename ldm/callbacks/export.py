@@ -10,9 +10,17 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ldm.callbacks.ema import EMA
 from ldm.checkpoints import FIRST_STAGE, export_folder
 
 log = logging.getLogger(__name__)
+
+
+def averaged_or(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The EMA callback's averaged copy of the module when that callback is on, else the module itself."""
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    averaged = ema.averaged_module() if ema is not None else None
+    return averaged if averaged is not None else pl_module
 
 
 class LatentMoments:
@@ -41,6 +49,7 @@ class LatentMoments:
 class ExportFirstStage(L.Callback):
     """On ``on_train_end``: measure latent statistics of posterior samples on ``stats_batches``
     training batches per rank, sum them over ranks, and export the autoencoder (rank 0) to ``dirpath``.
+    With the EMA callback on, the averaged weights are measured and exported.
     """
 
     def __init__(self, dirpath: str, stats_batches: int = 50):
@@ -77,8 +86,9 @@ class ExportFirstStage(L.Callback):
         seconds = time.perf_counter() - self._start
         images = int(trainer.strategy.reduce(torch.tensor(float(self._images), device=pl_module.device),
                                              reduce_op="sum").item())
-        stats = self.measure(trainer, pl_module)
-        ae = pl_module.autoencoder
+        source = averaged_or(trainer, pl_module)
+        stats = self.measure(trainer, source)
+        ae = source.autoencoder
         ae.latent_mean.copy_(torch.tensor(stats["mean"], dtype=ae.latent_mean.dtype))
         ae.latent_std.copy_(torch.tensor(stats["std"], dtype=ae.latent_std.dtype))
         if trainer.is_global_zero:
@@ -110,10 +120,7 @@ class ExportPipeline(L.Callback):
             log.info("fast_dev_run: latent diffusion model not exported")
             return
         if trainer.is_global_zero:
-            from ldm.callbacks.ema import EMA  # noqa: PLC0415
-
-            ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-            source = ema.averaged_module() if ema is not None and ema.averaged_module() is not None else pl_module
+            source = averaged_or(trainer, pl_module)
             pipe = source.pipeline()
             pipe.config = (pl_module.run_config or {}).get("model", pipe.config)
             pipe.save_pretrained(self.dirpath, pl_module.run_config)

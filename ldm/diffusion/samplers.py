@@ -64,6 +64,24 @@ def _resolve(schedule: NoiseSchedule, steps: int, timesteps: torch.Tensor | None
     return make_timesteps(schedule.num_timesteps, steps, spacing) if timesteps is None else timesteps
 
 
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, int], torch.Tensor]
+
+
+def _walk(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor, step: Step,
+          callback: Callback, after_step: AfterStep) -> torch.Tensor:
+    """The loop every sampler shares: predict eps and x0 at t, let ``step`` move x to s, run the hooks."""
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        a_t, a_s = _abar(schedule, t), _abar(schedule, s)
+        eps = denoise(x, _tvec(t, x))
+        x0 = x0_from_eps(x, eps, a_t**0.5, (1 - a_t) ** 0.5)
+        x = step(x, x0, eps, a_t, a_s, s)
+        if after_step is not None:
+            x = after_step(x, s)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
 @torch.no_grad()
 def ddim_sample(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
                 timesteps: torch.Tensor | None = None, spacing: str = "trailing",
@@ -74,19 +92,13 @@ def ddim_sample(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, ste
     x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s).
     """
-    for i, (t, s) in enumerate(_pairs(_resolve(schedule, steps, timesteps, spacing))):
-        a_t, a_s = _abar(schedule, t), _abar(schedule, s)
-        eps = denoise(x, _tvec(t, x))
-        x0 = x0_from_eps(x, eps, a_t**0.5, (1 - a_t) ** 0.5)
+
+    def step(x, x0, eps, a_t, a_s, s):
         sigma = eta * ((1 - a_s) / (1 - a_t)) ** 0.5 * (1 - a_t / a_s) ** 0.5
         x = a_s**0.5 * x0 + max(1 - a_s - sigma**2, 0.0) ** 0.5 * eps
-        if sigma > 0 and s >= 0:
-            x = x + sigma * _randn_like(x, generator)
-        if after_step is not None:
-            x = after_step(x, s)
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
+        return x + sigma * _randn_like(x, generator) if sigma > 0 and s >= 0 else x
+
+    return _walk(denoise, x, schedule, _resolve(schedule, steps, timesteps, spacing), step, callback, after_step)
 
 
 @torch.no_grad()
@@ -98,19 +110,13 @@ def ddpm_sample(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, ste
     sub-sequence of timesteps: with alpha = abar_t/abar_s and beta = 1 - alpha,
     mean = sqrt(abar_s) beta/(1-abar_t) x0 + sqrt(alpha)(1-abar_s)/(1-abar_t) x_t, var = (1-abar_s)/(1-abar_t) beta.
     """
-    for i, (t, s) in enumerate(_pairs(_resolve(schedule, steps, timesteps, spacing))):
-        a_t, a_s = _abar(schedule, t), _abar(schedule, s)
+
+    def step(x, x0, eps, a_t, a_s, s):
         alpha, beta = a_t / a_s, 1 - a_t / a_s
-        eps = denoise(x, _tvec(t, x))
-        x0 = x0_from_eps(x, eps, a_t**0.5, (1 - a_t) ** 0.5)
         x = (a_s**0.5 * beta / (1 - a_t)) * x0 + (alpha**0.5 * (1 - a_s) / (1 - a_t)) * x
-        if s >= 0:
-            x = x + ((1 - a_s) / (1 - a_t) * beta) ** 0.5 * _randn_like(x, generator)
-        if after_step is not None:
-            x = after_step(x, s)
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
+        return x + ((1 - a_s) / (1 - a_t) * beta) ** 0.5 * _randn_like(x, generator) if s >= 0 else x
+
+    return _walk(denoise, x, schedule, _resolve(schedule, steps, timesteps, spacing), step, callback, after_step)
 
 
 @torch.no_grad()
@@ -123,27 +129,21 @@ def dpmpp_2m_sample(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule,
     With lambda = log(alpha/sigma) and h = lambda_s - lambda_t:
       x_s = (sigma_s/sigma_t) x_t - alpha_s (e^{-h} - 1) D,  D = x0_t + (x0_t - x0_prev)/(2r), r = h_prev/h.
     The first step is first order; the last, to the clean sample, returns the data prediction.
+    Deterministic: ``generator`` is accepted for a uniform signature.
     """
-    prev_x0, prev_h = None, None
-    for i, (t, s) in enumerate(_pairs(_resolve(schedule, steps, timesteps, spacing))):
-        a_t, a_s = _abar(schedule, t), _abar(schedule, s)
-        alpha_t, sigma_t = a_t**0.5, (1 - a_t) ** 0.5
-        eps = denoise(x, _tvec(t, x))
-        x0 = x0_from_eps(x, eps, alpha_t, sigma_t)
+    prev: dict[str, object] = {"x0": None, "h": None}
+
+    def step(x, x0, eps, a_t, a_s, s):
         if s < 0:
-            x = x0
-        else:
-            alpha_s, sigma_s = a_s**0.5, (1 - a_s) ** 0.5
-            h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)
-            d = x0 if prev_x0 is None else x0 + (x0 - prev_x0) * (h / (2 * prev_h))
-            x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
-            prev_h = h
-        prev_x0 = x0
-        if after_step is not None:
-            x = after_step(x, s)
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
+            return x0
+        alpha_t, sigma_t = a_t**0.5, (1 - a_t) ** 0.5
+        alpha_s, sigma_s = a_s**0.5, (1 - a_s) ** 0.5
+        h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)
+        d = x0 if prev["x0"] is None else x0 + (x0 - prev["x0"]) * (h / (2 * prev["h"]))
+        prev["x0"], prev["h"] = x0, h
+        return (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
+
+    return _walk(denoise, x, schedule, _resolve(schedule, steps, timesteps, spacing), step, callback, after_step)
 
 
 SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpmpp_2m": dpmpp_2m_sample}
