@@ -1,0 +1,1 @@
+"""Data: webdataset shards in, batches ``{image, caption, class_label}`` out. Knows nothing of models."""

@@ -1,0 +1,144 @@
+"""A Lightning DataModule over webdataset shards.
+
+Training streams resampled shards (each rank and worker draws shards independently, and every
+rank sees exactly ``batches_per_epoch`` batches, so no rank starves or waits at a collective);
+validation reads every shard once, split by rank then worker, in a fixed order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, default_collate
+
+from ldm.data.decode import ImageTransform, SampleDecoder, SkipCounter
+
+log = logging.getLogger(__name__)
+
+
+def expand_urls(spec: str | Sequence[str], name: str = "shards") -> list[str]:
+    """Brace notation, a list, or a directory (all ``*.tar`` in it) -> sorted list of shard URLs.
+
+    Local paths must exist; remote URLs (``scheme://``, ``pipe:``) are passed through.
+    """
+    specs = [spec] if isinstance(spec, str | Path) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        item = str(item)
+        if Path(item).is_dir():
+            found = sorted(str(p) for p in Path(item).glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"{name}: directory {item} holds no .tar shards")
+            urls += found
+        else:
+            urls += list(braceexpand(item))
+    if not urls:
+        raise ValueError(f"{name}: no shards in {spec!r}")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{name}: {len(missing)} shard(s) do not exist, e.g. {missing[:3]}")
+    return urls
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack images (or latents) and labels; keep captions and keys as lists of strings."""
+    data_key = "image" if "image" in samples[0] else "latent"
+    return {data_key: default_collate([s[data_key] for s in samples]),
+            "class_label": torch.tensor([s["class_label"] for s in samples], dtype=torch.long),
+            "caption": [s["caption"] for s in samples],
+            "key": [s["key"] for s in samples]}
+
+
+class WebDataModule(L.LightningDataModule):
+    """Batches ``{image [-1,1] BCHW, caption list[str], class_label LongTensor, key list[str]}``.
+
+    With ``kind="latent"`` the shards are a latent cache and batches carry ``latent``
+    (posterior mean and std stacked on the channel axis) instead of ``image``.
+
+    ``batch_size`` is per device. ``samples_per_epoch`` sets the length of a training epoch
+    (global, over all ranks); ``prepare`` is an optional callable run once per node before
+    anything is read (e.g. writing the built-in dataset's shards).
+    """
+
+    def __init__(self, *, train_shards: str | Sequence[str], val_shards: str | Sequence[str] | None = None,
+                 resolution: int = 64, batch_size: int = 32, val_batch_size: int | None = None,
+                 num_workers: int = 2, shuffle_buffer: int = 1000, samples_per_epoch: int = 60000,
+                 random_crop: bool = False, hflip: bool = False, caption_key: str = "txt",
+                 label_key: str = "cls", required_keys: Sequence[str] = ("image",),
+                 max_consecutive_errors: int = 1000, prepare: Callable[[], object] | None = None,
+                 val_limit: int | None = None, kind: str = "image"):
+        super().__init__()
+        self.kind = kind
+        self.train_spec, self.val_spec = train_shards, val_shards
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.samples_per_epoch = samples_per_epoch
+        self.caption_key, self.label_key = caption_key, label_key
+        self.required_keys = tuple(required_keys)
+        self.prepare_fn = prepare
+        self.val_limit = val_limit
+        self.train_transform = ImageTransform(resolution, random_crop=random_crop, hflip=hflip)
+        self.val_transform = ImageTransform(resolution)
+        self.train_counter = SkipCounter(max_consecutive_errors)
+        self.val_counter = SkipCounter(max_consecutive_errors)
+
+    def prepare_data(self) -> None:
+        if self.prepare_fn is not None:
+            self.prepare_fn()
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _decoder(self, transform: ImageTransform, counter: SkipCounter, seed: int | None) -> SampleDecoder:
+        required = tuple(k for k in self.required_keys if k != "image") if self.kind == "latent" else self.required_keys
+        return SampleDecoder(transform, counter, self.caption_key, self.label_key, required, seed, self.kind)
+
+    def train_dataloader(self) -> DataLoader:
+        urls = expand_urls(self.train_spec, "data.train_shards")
+        counter = self.train_counter
+        batches = max(1, self.samples_per_epoch // (self.batch_size * self._world()))
+        per_worker = math.ceil(batches / max(1, self.num_workers))
+        dataset = (
+            wds.DataPipeline(
+                wds.ResampledShards(urls),
+                wds.tarfile_to_samples(handler=counter),
+                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
+                wds.map(self._decoder(self.train_transform, counter, None), handler=counter),
+                wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            )
+            .with_epoch(per_worker)
+        )
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_spec is None:
+            return []
+        urls = expand_urls(self.val_spec, "data.val_shards")
+        stages = [
+            wds.SimpleShardList(urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=self.val_counter),
+            wds.map(self._decoder(self.val_transform, self.val_counter, 0), handler=self.val_counter),
+        ]
+        if self.val_limit is not None:
+            # Per rank: the first shards' samples, identical from one validation to the next.
+            stages.append(wds.slice(self.val_limit // max(1, self._world() * max(1, self.num_workers))))
+        stages.append(wds.batched(self.val_batch_size, collation_fn=collate, partial=True))
+        return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=self.num_workers)
+
+    def skipped(self) -> dict[str, int]:
+        """Counts so far: ``{train_skipped, train_valid, val_skipped, val_valid}``."""
+        return {"train_skipped": self.train_counter.skipped, "train_valid": self.train_counter.valid,
+                "val_skipped": self.val_counter.skipped, "val_valid": self.val_counter.valid}

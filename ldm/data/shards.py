@@ -1,0 +1,140 @@
+"""Writing webdataset shards atomically, and turning a user's image folder into shards.
+
+A shard is first written as ``<name>.tmp`` and renamed when complete, so a killed writer
+never leaves a truncated ``.tar`` that readers would pick up.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from rich.progress import Progress
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Sample:
+    """One training example as stored in a shard."""
+
+    key: str
+    image: Image.Image
+    caption: str | None = None
+    label: int | None = None
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_records(records: Iterable[dict], out_dir: str | Path, prefix: str, samples_per_shard: int = 5000,
+                  ) -> list[Path]:
+    """Write webdataset records (``{"__key__": ..., "<ext>": bytes|str}``) to ``out_dir/prefix-000000.tar, ...``
+    atomically: each shard is written as ``.tmp`` and renamed when complete. Returns the shard paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    writer: wds.TarWriter | None = None
+    tmp: Path | None = None
+    count = 0
+
+    def close() -> None:
+        nonlocal writer
+        if writer is not None:
+            writer.close()
+            final = tmp.with_suffix("")
+            os.replace(tmp, final)
+            written.append(final)
+            writer = None
+
+    try:
+        for record in records:
+            if count % samples_per_shard == 0:
+                close()
+                tmp = out_dir / f"{prefix}-{len(written):06d}.tar.tmp"
+                writer = wds.TarWriter(str(tmp))
+            writer.write(record)
+            count += 1
+        close()
+    finally:
+        if writer is not None:  # interrupted: drop the partial shard, keep the finished ones
+            writer.close()
+            tmp.unlink(missing_ok=True)
+    return written
+
+
+def sample_record(sample: Sample) -> dict:
+    record = {"__key__": sample.key, "png": encode_png(sample.image.convert("RGB"))}
+    if sample.caption is not None:
+        record["txt"] = sample.caption
+    if sample.label is not None:
+        record["cls"] = str(int(sample.label))
+    return record
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str | Path, prefix: str, samples_per_shard: int = 5000,
+                 ) -> list[Path]:
+    """Write image samples (png, txt, cls) as shards; see :func:`write_records`."""
+    return write_records(map(sample_record, samples), out_dir, prefix, samples_per_shard)
+
+
+def resize_square(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to ``resolution`` and centre-crop to a square."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def _folder_samples(files: list[Path], root: Path, resolution: int | None, default_caption: str | None,
+                    progress: Progress) -> Iterator[Sample]:
+    task = progress.add_task("images -> shards", total=len(files))
+    for path in files:
+        progress.advance(task)
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError) as err:
+            log.warning("skipping %s: not a readable image (%s)", path, err)
+            continue
+        if resolution is not None:
+            image = resize_square(image, resolution)
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.exists() else default_caption
+        key = str(path.relative_to(root).with_suffix("")).replace(os.sep, "__").replace(".", "_")
+        yield Sample(key=key, image=image, caption=caption)
+
+
+def folder_to_shards(folder: str | Path, out_dir: str | Path, prefix: str = "data", resolution: int | None = None,
+                     samples_per_shard: int = 5000, default_caption: str | None = "") -> list[Path]:
+    """Convert every image under ``folder`` (recursively) with optional same-stem ``.txt`` captions.
+
+    Images are optionally resized + centre-cropped to ``resolution``. Unreadable files are skipped
+    with a warning. Returns the written shard paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
+    with Progress() as progress:
+        shards = write_shards(_folder_samples(files, folder, resolution, default_caption, progress),
+                              out_dir, prefix, samples_per_shard)
+    log.info("converted %d image files into %d shards in %s", len(files), len(shards), out_dir)
+    return shards
+
+
