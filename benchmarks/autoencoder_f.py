@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_result  # noqa: E402
 
 from ldm.checkpoints import load_classifier, load_first_stage  # noqa: E402
-from ldm.data.datamodule import WebDataModule  # noqa: E402
+from ldm.data.loaders import ShardData  # noqa: E402
 from ldm.evaluation.reconstruction import evaluate_reconstruction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def main() -> None:
         export = ROOT / "exports" / task
         ae = load_first_stage(export)
         meta = OmegaConf.load(export / "config.yaml").metadata
-        dm = WebDataModule(train_shards=str(ROOT / "data/fashion_mnist_64/train"),
+        dm = ShardData(train_shards=str(ROOT / "data/fashion_mnist_64/train"),
                            val_shards=str(ROOT / "data/fashion_mnist_64/val"), resolution=64,
                            val_batch_size=100, num_workers=2, val_limit=args.eval_limit)
         start = time.perf_counter()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ldm.checkpoints import WEIGHTS, load_first_stage
-from ldm.data.datamodule import WebDataModule
+from ldm.data.loaders import ShardData
 from ldm.data.shards import write_records
 from ldm.networks.autoencoder import DiagonalGaussian
 from ldm.utils.config import auto_precision
@@ -92,7 +92,7 @@ def prepare_latent_cache(first_stage: str | Path, splits: dict[str, str], out_di
 
     counts = {}
     for split, shards in splits.items():
-        dm = WebDataModule(train_shards=shards, val_shards=shards, resolution=ae.resolution, val_batch_size=batch_size,
+        dm = ShardData(train_shards=shards, val_shards=shards, resolution=ae.resolution, val_batch_size=batch_size,
                            num_workers=num_workers, val_limit=limits.get(split))
         for stale in (out_dir / split).glob("*.tar"):
             stale.unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 import ldm.utils.config  # noqa: F401  (registers the resolvers the configs use)
 
 log = logging.getLogger(__name__)
+
+# Checkpoints of the manually optimised autoencoder stage hold the weights after the batch's steps,
+# which is what resuming needs; Lightning's multi-line warning about it says nothing actionable.
+warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
 
 
 def check_writable(folder: str | Path, key: str) -> Path:

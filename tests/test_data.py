@@ -11,8 +11,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ldm.data.datamodule import WebDataModule, expand_urls
 from ldm.data.fashion_mnist import CLASS_NAMES, caption_for, prepare, read_idx
+from ldm.data.loaders import ShardData, expand_urls
 from ldm.data.shards import Sample, folder_to_shards, write_shards
 
 
@@ -22,7 +22,7 @@ def _samples(n: int, prefix: str = "s", res: int = 16) -> list[Sample]:
                    caption=f"caption {prefix}{i}", label=i % 10) for i in range(n)]
 
 
-def _val_keys(dm: WebDataModule) -> list[str]:
+def _val_keys(dm: ShardData) -> list[str]:
     return [k for batch in dm.val_dataloader() for k in batch["key"]]
 
 
@@ -31,7 +31,7 @@ def test_shard_round_trip_is_exact(tmp_path):
     shards = write_shards(samples, tmp_path, "val", samples_per_shard=4)
     assert [p.name for p in shards] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
     assert not list(tmp_path.glob("*.tmp"))
-    dm = WebDataModule(train_shards=str(tmp_path), val_shards=str(tmp_path), resolution=16, val_batch_size=3,
+    dm = ShardData(train_shards=str(tmp_path), val_shards=str(tmp_path), resolution=16, val_batch_size=3,
                        num_workers=0, required_keys=("image", "caption", "class_label"))
     batches = list(dm.val_dataloader())
     images = torch.cat([b["image"] for b in batches])
@@ -45,7 +45,7 @@ def test_shard_round_trip_is_exact(tmp_path):
 
 def test_train_loader_batches_per_epoch_and_augmentations(tmp_path):
     write_shards(_samples(20, res=20), tmp_path, "train", samples_per_shard=5)
-    dm = WebDataModule(train_shards=f"{tmp_path}/train-{{000000..000003}}.tar", resolution=16, batch_size=4,
+    dm = ShardData(train_shards=f"{tmp_path}/train-{{000000..000003}}.tar", resolution=16, batch_size=4,
                        num_workers=0, samples_per_epoch=24, random_crop=True, hflip=True, shuffle_buffer=10)
     batches = list(dm.train_dataloader())
     assert len(batches) == 6  # samples_per_epoch / batch_size, from resampled shards
@@ -94,7 +94,7 @@ def _png() -> bytes:
 
 def test_corrupt_shards_lose_no_good_sample_and_are_counted(tmp_path, caplog):
     urls, good_keys = _corrupt_set(tmp_path)
-    dm = WebDataModule(train_shards=urls, val_shards=urls, resolution=16, val_batch_size=4, num_workers=0,
+    dm = ShardData(train_shards=urls, val_shards=urls, resolution=16, val_batch_size=4, num_workers=0,
                        required_keys=("image", "caption", "class_label"))
     with caplog.at_level(logging.WARNING):
         keys = _val_keys(dm)
@@ -111,7 +111,7 @@ def test_corrupt_shards_lose_no_good_sample_and_are_counted(tmp_path, caplog):
 def test_nothing_valid_is_a_clear_error_not_a_hang(tmp_path):
     junk = tmp_path / "junk-000000.tar"
     junk.write_bytes(b"\x00garbage" * 100)
-    dm = WebDataModule(train_shards=str(junk), resolution=16, batch_size=2, num_workers=0,
+    dm = ShardData(train_shards=str(junk), resolution=16, batch_size=2, num_workers=0,
                        max_consecutive_errors=50)
     with pytest.raises(RuntimeError, match="consecutive bad samples/shards and no valid one"):
         next(iter(dm.train_dataloader()))
@@ -133,7 +133,7 @@ def test_prepare_from_a_source_dir_is_atomic_and_reused(tmp_path):
     out = prepare(tmp_path / "out", resolution=32, source_dir=src, samples_per_shard=4)
     assert sorted(p.name for p in (out / "train").glob("*.tar")) == [f"train-00000{i}.tar" for i in range(3)]
     assert len(list((out / "val").glob("*.tar"))) == 2 and not list(out.rglob("*.tmp"))
-    dm = WebDataModule(train_shards=str(out / "train"), val_shards=str(out / "val"), resolution=32,
+    dm = ShardData(train_shards=str(out / "train"), val_shards=str(out / "val"), resolution=32,
                        num_workers=0, val_batch_size=10)
     (batch,) = list(dm.val_dataloader())
     assert batch["caption"][3] == "a photo of a dress" and batch["class_label"].tolist() == list(range(6))
@@ -165,7 +165,7 @@ def test_folder_to_shards_with_captions(tmp_path):
     (folder / "broken.png").write_bytes(b"nope")
     shards = folder_to_shards(folder, tmp_path / "shards", resolution=24)
     assert len(shards) == 1
-    dm = WebDataModule(train_shards=str(tmp_path / "shards"), val_shards=str(tmp_path / "shards"),
+    dm = ShardData(train_shards=str(tmp_path / "shards"), val_shards=str(tmp_path / "shards"),
                        resolution=24, num_workers=0)
     (batch,) = list(dm.val_dataloader())
     assert batch["caption"] == ["a red square", ""] and batch["image"].shape == (2, 3, 24, 24)

@@ -1,4 +1,4 @@
-"""A Lightning DataModule over webdataset shards.
+"""DataLoaders over webdataset shards (no Lightning here: ``ldm.stages.data`` wraps them).
 
 Training streams resampled shards (each rank and worker draws shards independently, and every
 rank sees exactly ``batches_per_epoch`` batches, so no rank starves or waits at a collective);
@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
@@ -56,15 +55,16 @@ def collate(samples: list[dict]) -> dict:
             "key": [s["key"] for s in samples]}
 
 
-class WebDataModule(L.LightningDataModule):
+class ShardData:
     """Batches ``{image [-1,1] BCHW, caption list[str], class_label LongTensor, key list[str]}``.
 
     With ``kind="latent"`` the shards are a latent cache and batches carry ``latent``
     (posterior mean and std stacked on the channel axis) instead of ``image``.
 
     ``batch_size`` is per device. ``samples_per_epoch`` sets the length of a training epoch
-    (global, over all ranks); ``prepare`` is an optional callable run once per node before
-    anything is read (e.g. writing the built-in dataset's shards).
+    (global, over all ranks); ``prepare`` is an optional callable to run once per node before
+    anything is read (e.g. writing the built-in dataset's shards). ``world`` is the number of
+    data-parallel ranks.
     """
 
     def __init__(self, *, train_shards: str | Sequence[str], val_shards: str | Sequence[str] | None = None,
@@ -74,7 +74,6 @@ class WebDataModule(L.LightningDataModule):
                  label_key: str = "cls", required_keys: Sequence[str] = ("image",),
                  max_consecutive_errors: int = 1000, prepare: Callable[[], object] | None = None,
                  val_limit: int | None = None, kind: str = "image"):
-        super().__init__()
         self.kind = kind
         self.train_spec, self.val_spec = train_shards, val_shards
         self.resolution = resolution
@@ -92,21 +91,18 @@ class WebDataModule(L.LightningDataModule):
         self.train_counter = SkipCounter(max_consecutive_errors)
         self.val_counter = SkipCounter(max_consecutive_errors)
 
-    def prepare_data(self) -> None:
+    def prepare(self) -> None:
         if self.prepare_fn is not None:
             self.prepare_fn()
-
-    def _world(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
 
     def _decoder(self, transform: ImageTransform, counter: SkipCounter, seed: int | None) -> SampleDecoder:
         required = tuple(k for k in self.required_keys if k != "image") if self.kind == "latent" else self.required_keys
         return SampleDecoder(transform, counter, self.caption_key, self.label_key, required, seed, self.kind)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, world: int = 1) -> DataLoader:
         urls = expand_urls(self.train_spec, "data.train_shards")
         counter = self.train_counter
-        batches = max(1, self.samples_per_epoch // (self.batch_size * self._world()))
+        batches = max(1, self.samples_per_epoch // (self.batch_size * world))
         per_worker = math.ceil(batches / max(1, self.num_workers))
         dataset = (
             wds.DataPipeline(
@@ -121,7 +117,7 @@ class WebDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, world: int = 1) -> DataLoader | list:
         if self.val_spec is None:
             return []
         urls = expand_urls(self.val_spec, "data.val_shards")
@@ -134,7 +130,7 @@ class WebDataModule(L.LightningDataModule):
         ]
         if self.val_limit is not None:
             # Per rank: the first shards' samples, identical from one validation to the next.
-            stages.append(wds.slice(self.val_limit // max(1, self._world() * max(1, self.num_workers))))
+            stages.append(wds.slice(self.val_limit // max(1, world * max(1, self.num_workers))))
         stages.append(wds.batched(self.val_batch_size, collation_fn=collate, partial=True))
         return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=self.num_workers)
 

@@ -1,0 +1,37 @@
+"""The Lightning DataModule over webdataset shards: Lightning glue around ``ldm.data.loaders.ShardData``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ldm.data.loaders import ShardData
+
+
+class WebDataModule(L.LightningDataModule):
+    """Batches ``{image|latent, caption, class_label, key}`` from shards; arguments as :class:`ShardData`.
+
+    ``prepare`` runs in ``prepare_data`` (once per node); loaders are split over ``trainer.world_size``.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        self.data = ShardData(**kwargs)
+
+    def prepare_data(self) -> None:
+        self.data.prepare()
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def train_dataloader(self) -> DataLoader:
+        return self.data.train_dataloader(self._world())
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self.data.val_dataloader(self._world())
+
+    def skipped(self) -> dict[str, int]:
+        """Counts of valid and skipped samples so far (see ``ShardData.skipped``)."""
+        return self.data.skipped()
