@@ -102,6 +102,9 @@ def make_ldm_cfg(tmp_path: Path, data_dir: Path, export_dir: Path):
         overrides = [f"experiment={experiment}"] + tiny_overrides(tmp_path, data_dir)
         overrides = [o for o in overrides if not o.startswith(("model.autoencoder", "model.loss", "+data.prepare.limit",
                                                                "data.prepare.samples_per_shard", "data.batch_size"))]
-        return compose_cfg(overrides + tiny_ldm_overrides(export_dir) + list(extra))
+        ldm = tiny_ldm_overrides(export_dir)
+        if "model/conditioner=class" in extra:  # no text tower to shrink
+            ldm = [o for o in ldm if not o.startswith("model.conditioner.embedders.0.arch")]
+        return compose_cfg(overrides + ldm + list(extra))
 
     return _make

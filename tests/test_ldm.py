@@ -33,6 +33,17 @@ def test_fast_dev_run_every_ldm_experiment(make_ldm_cfg, experiment):
     assert manifest["embed_dim"] == cfg.model.unet.in_channels
 
 
+def test_class_conditional_model_trains_samples_and_guides(make_ldm_cfg, tmp_path):
+    cfg = make_ldm_cfg("ldm_f8", "model/conditioner=class", "trainer.max_steps=3", "data.samples_per_epoch=8")
+    train(cfg)
+    pipe = LatentDiffusionPipeline.from_pretrained(Path(cfg.paths.export_dir) / "ldm_f8")
+    assert pipe.conditioner.input_keys == ["class_label"]
+    images = pipe(class_labels=[7, 1], num_images=2, steps=3, cfg_scale=3.0, output_type="tensor")
+    assert images.shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="conditioned on class labels"):
+        pipe(prompt="a photo of a bag", steps=2)
+
+
 def test_missing_first_stage_names_the_command(make_ldm_cfg, tmp_path):
     cfg = make_ldm_cfg("ldm_f8", f"model.first_stage={tmp_path}/nowhere", "debug=fdr")
     with pytest.raises(FileNotFoundError, match=r"python train.py experiment=ae_f8"):

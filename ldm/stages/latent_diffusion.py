@@ -136,7 +136,9 @@ class LatentDiffusionStage(L.LightningModule):
         s = self.sampling
         was_training = self.training
         self.eval()
-        images = self.pipeline()(prompt=s.get("prompts"), class_labels=s.get("class_labels"),
+        keys = self.conditioner.input_keys  # each model gets the condition it was trained on
+        images = self.pipeline()(prompt=s.get("prompts") if "caption" in keys else None,
+                                 class_labels=s.get("class_labels") if "class_label" in keys else None,
                                  num_images=s.get("num_images", 1), sampler=s.get("sampler", "dpmpp_2m"),
                                  steps=s.get("steps", 20), cfg_scale=s.get("cfg_scale", 4.0), seed=s.get("seed", 0),
                                  output_type="tensor")
