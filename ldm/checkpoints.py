@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldm.networks.autoencoder import AutoencoderKL
+from ldm.networks.classifier import FashionClassifier
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,4 @@ CLASSIFIER = "classifier"
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The exported Fashion-MNIST evaluator classifier."""
-    from ldm.networks.classifier import FashionClassifier
-
     return load_exported(path, CLASSIFIER, FashionClassifier, "python scripts/train_classifier.py", device)

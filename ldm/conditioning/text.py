@@ -16,6 +16,7 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 LAYERS = ("last", "penultimate")
@@ -23,8 +24,6 @@ LAYERS = ("last", "penultimate")
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path))
     else:
         try:
