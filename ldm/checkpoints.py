@@ -69,6 +69,26 @@ def read_export_config(path: str | Path, kind: str, make_hint: str = "") -> tupl
     return folder, cfg
 
 
+def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Tensors of a weights file from outside: safetensors, or a torch pickle loaded with
+    ``weights_only=True`` so that a file which would run code when unpickled is refused.
+    A Lightning/CompVis checkpoint's ``state_dict`` entry is returned when present."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
+        raise ValueError(f"refusing {what} file {path}: it does not load with weights_only=True, i.e. it holds "
+                         f"more than tensors and plain containers and could run code when unpickled ({err}). "
+                         "Convert it to safetensors where it was made, from a trusted source.") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} file {path} holds a {type(state).__name__}, expected a dict of tensors")
+    return state.get("state_dict", state)
+
+
 def load_weights(model: nn.Module, file: Path) -> None:
     """Load a safetensors state dict strictly, naming missing and unexpected keys on mismatch."""
     state = load_file(str(file))

@@ -143,9 +143,9 @@ class LatentDiffusionPipeline:
             raise ValueError(f"{path}: missing weights for {result.missing_keys[:10]}")
         return pipe
 
-    def save_pretrained(self, path: str | Path, run_config: dict | None = None) -> Path:
+    def save_pretrained(self, path: str | Path, run_config: dict | None = None, metadata: dict | None = None) -> Path:
         """Export U-Net + conditioner (``model.safetensors``), their config, and the first stage in
-        ``first_stage/``: one self-contained folder."""
+        ``first_stage/``: one self-contained folder. ``metadata`` adds entries (e.g. training throughput)."""
         path = Path(path)
         fs_export = getattr(self.first_stage, "export_config", None)
         if fs_export is None:
@@ -153,7 +153,7 @@ class LatentDiffusionPipeline:
         metadata = {"resolution": self.first_stage.resolution,
                     "downsampling_factor": self.first_stage.downsampling_factor,
                     "latent_channels": self.first_stage.embed_dim, "prediction": self.prediction,
-                    "latent_norm": self.latent_norm}
+                    "latent_norm": self.latent_norm} | (metadata or {})
         export_folder(path, _Bundle(self.unet, self.conditioner), LATENT_DIFFUSION, self.config, metadata,
                       run_config)
         export_folder(path / "first_stage", self.first_stage, FIRST_STAGE, fs_export["model"],

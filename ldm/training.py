@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import tempfile
 import warnings
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 
 import lightning as L
 from hydra.errors import InstantiationException
+from lightning.pytorch.loggers import WandbLogger
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import ldm.utils.config  # noqa: F401  (registers the resolvers the configs use)
 
@@ -53,6 +55,32 @@ def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
     return str(path)
 
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def pin_wandb_run_id(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Give the W&B logger a run id that a resumed run continues.
+
+    The id is written to ``<run folder>/wandb_id.txt``; resuming from a checkpoint in that folder
+    reuses it (with ``resume="allow"``), so the curves continue in the same W&B run.
+    """
+    node = (cfg.get("logger") or {}).get("wandb")
+    if not node:
+        return
+    run_id = node.get("id")
+    if run_id is None and ckpt_path is not None:
+        saved = Path(ckpt_path).resolve().parent.parent / WANDB_ID_FILE
+        if saved.is_file():
+            run_id = saved.read_text().strip()
+            log.info("continuing W&B run %s (from %s)", run_id, saved)
+    if run_id is None:
+        run_id = secrets.token_hex(4)  # W&B accepts any short lowercase alphanumeric id
+    with open_dict(cfg):
+        node.id = run_id
+        node.resume = "allow"
+    Path(cfg.paths.output_dir, WANDB_ID_FILE).write_text(run_id)
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that surfaces our own errors (missing export, shape mismatch...)
     as themselves rather than wrapped in Hydra's InstantiationException."""
@@ -77,8 +105,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_writable(cfg.paths.output_dir, "paths.output_dir")
-    run_config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+    pin_wandb_run_id(cfg, ckpt_path)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
 
     datamodule = build(cfg.data)
     model = build(cfg.model)
@@ -90,7 +119,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(run_config)
     log.info("training %s: precision %s, %d device(s), output in %s", cfg.task_name, trainer.precision,
              trainer.num_devices, cfg.paths.output_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        # Close W&B runs now (flushing an offline run folder completely), not at interpreter exit, so a
+        # later run in this process (a sweep, a resume) starts its own.
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish(exit_code=0 if trainer.state.status.value == "finished" else 1)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

@@ -46,15 +46,10 @@ class LatentMoments:
                 "global_std": float(global_var.clamp_min(0).sqrt()), "values_per_channel": int(n[0].item())}
 
 
-class ExportFirstStage(L.Callback):
-    """On ``on_train_end``: measure latent statistics of posterior samples on ``stats_batches``
-    training batches per rank, sum them over ranks, and export the autoencoder (rank 0) to ``dirpath``.
-    With the EMA callback on, the averaged weights are measured and exported.
-    """
+class FitClock(L.Callback):
+    """Counts the training images this rank sees and the wall time of fit, for the export's metadata."""
 
-    def __init__(self, dirpath: str, stats_batches: int = 50):
-        self.dirpath = Path(dirpath)
-        self.stats_batches = stats_batches
+    def __init__(self):
         self._start = 0.0
         self._images = 0
 
@@ -63,7 +58,27 @@ class ExportFirstStage(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        self._images += len(batch["image"])
+        self._images += len(batch["image"] if "image" in batch else batch["latent"])
+
+    def fit_metadata(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """``fit_images`` (over all ranks), ``fit_seconds``, ``global_step``, ``world_size`` (all ranks call)."""
+        seconds = time.perf_counter() - self._start
+        images = int(trainer.strategy.reduce(torch.tensor(float(self._images), device=pl_module.device),
+                                             reduce_op="sum").item())
+        return {"global_step": trainer.global_step, "world_size": trainer.world_size, "fit_images": images,
+                "fit_seconds": round(seconds, 1)}
+
+
+class ExportFirstStage(FitClock):
+    """On ``on_train_end``: measure latent statistics of posterior samples on ``stats_batches``
+    training batches per rank, sum them over ranks, and export the autoencoder (rank 0) to ``dirpath``.
+    With the EMA callback on, the averaged weights are measured and exported.
+    """
+
+    def __init__(self, dirpath: str, stats_batches: int = 50):
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self.stats_batches = stats_batches
 
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
@@ -83,9 +98,7 @@ class ExportFirstStage(L.Callback):
         if trainer.fast_dev_run:
             log.info("fast_dev_run: first stage not exported (as Lightning skips checkpoints)")
             return
-        seconds = time.perf_counter() - self._start
-        images = int(trainer.strategy.reduce(torch.tensor(float(self._images), device=pl_module.device),
-                                             reduce_op="sum").item())
+        fit = self.fit_metadata(trainer, pl_module)
         source = averaged_or(trainer, pl_module)
         stats = self.measure(trainer, source)
         ae = source.autoencoder
@@ -98,9 +111,7 @@ class ExportFirstStage(L.Callback):
                 raise RuntimeError("ExportFirstStage needs the module's run_config['model']['autoencoder'] "
                                    "(set by ldm.training.train) to write a rebuildable config.yaml")
             metadata = {"downsampling_factor": ae.downsampling_factor, "embed_dim": ae.embed_dim,
-                        "resolution": ae.resolution, "latent_stats": stats, "global_step": trainer.global_step,
-                        "world_size": trainer.world_size, "fit_images": images,
-                        "fit_seconds": round(seconds, 1)}
+                        "resolution": ae.resolution, "latent_stats": stats} | fit
             export_folder(self.dirpath, ae, FIRST_STAGE, model_config, metadata, run_config)
             log.info("first stage (f=%d, %d latent channels) exported to %s; latent std per channel %s",
                      ae.downsampling_factor, ae.embed_dim, self.dirpath,
@@ -108,22 +119,24 @@ class ExportFirstStage(L.Callback):
         trainer.strategy.barrier("export_first_stage")
 
 
-class ExportPipeline(L.Callback):
+class ExportPipeline(FitClock):
     """On ``on_train_end``: export the latent diffusion model (EMA weights when the EMA callback is on)
     with a copy of its first stage to ``dirpath`` — one folder ``LatentDiffusionPipeline`` and sample.py load."""
 
     def __init__(self, dirpath: str):
+        super().__init__()
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:
             log.info("fast_dev_run: latent diffusion model not exported")
             return
+        fit = self.fit_metadata(trainer, pl_module)
         if trainer.is_global_zero:
             source = averaged_or(trainer, pl_module)
             pipe = source.pipeline()
             pipe.config = (pl_module.run_config or {}).get("model", pipe.config)
-            pipe.save_pretrained(self.dirpath, pl_module.run_config)
+            pipe.save_pretrained(self.dirpath, pl_module.run_config, metadata=fit)
             log.info("latent diffusion model (%s weights) exported to %s", "EMA" if source is not pl_module else "raw",
                      self.dirpath)
         trainer.strategy.barrier("export_pipeline")

@@ -16,21 +16,11 @@ from typing import Any
 
 import open_clip
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from ldm.checkpoints import read_state_dict
+
 LAYERS = ("last", "penultimate")
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
-            raise ValueError(f"{path}: not a plain weights file that loads with weights_only=True ({err})") from err
-    return state.get("state_dict", state)
 
 
 class OpenCLIPTextEmbedder(nn.Module):
@@ -86,7 +76,7 @@ class OpenCLIPTextEmbedder(nn.Module):
     def _load_pretrained(self, arch: str | dict, pretrained: str) -> None:
         path = Path(pretrained).expanduser()
         if path.is_file():
-            state = _load_state_dict(path)
+            state = read_state_dict(path, "OpenCLIP weights")
         elif path.suffix or "/" in pretrained:
             raise FileNotFoundError(f"OpenCLIP text weights file {path} does not exist")
         else:

@@ -1,30 +1,107 @@
-"""Judging generated samples with the offline Fashion-MNIST classifier."""
+"""Judging generated samples: FID against reference images, CLIP score, class accuracy."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ldm.data.fashion_mnist import CLASS_NAMES, caption_for
+from ldm.evaluation.clip_score import CLIPScore
 from ldm.pipeline import LatentDiffusionPipeline
 
 
+@dataclass
+class Conditions:
+    """Captions and class labels to generate for, one entry per sample."""
+
+    captions: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def take(self, indices: Iterable[int]) -> Conditions:
+        """The entries at ``indices`` (modulo the length, so a short set is cycled)."""
+        idx = [i % len(self) for i in indices]
+        return Conditions([self.captions[i] for i in idx], [self.labels[i] for i in idx])
+
+
+def generate(pipe: LatentDiffusionPipeline, conditions: Conditions, *, sampler: str = "dpmpp_2m", steps: int = 20,
+             cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 100) -> torch.Tensor:
+    """One sample per condition, in [0, 1]; the model gets the inputs it was trained on (text or labels).
+    Sample ``i`` starts from the noise of seed ``seed + i``."""
+    keys = pipe.conditioner.input_keys
+    images = pipe(prompt=conditions.captions if "caption" in keys else None,
+                  class_labels=conditions.labels if "class_label" in keys else None, num_images=1, sampler=sampler,
+                  steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, output_type="tensor")
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def read_reference(batches: Iterable[dict], limit: int, fid: FrechetInceptionDistance | None = None) -> Conditions:
+    """Up to ``limit`` reference samples: their conditions, and their images into ``fid``'s real statistics."""
+    conditions = Conditions()
+    for batch in batches:
+        take = min(len(batch["caption"]), limit - len(conditions))
+        if fid is not None:
+            fid.update(((batch["image"][:take].float() + 1) / 2).clamp(0, 1).to(fid.device), real=True)
+        conditions.captions += batch["caption"][:take]
+        conditions.labels += batch["class_label"][:take].tolist()
+        if len(conditions) >= limit:
+            break
+    if not conditions.captions:
+        raise ValueError("read_reference: the reference loader gave no samples")
+    return conditions
+
+
 @torch.no_grad()
-def class_accuracy(pipe: LatentDiffusionPipeline, classifier: nn.Module, per_class: int = 100,
-                   cfg_scale: float = 4.0, sampler: str = "dpmpp_2m", steps: int = 20, seed: int = 0,
-                   batch_size: int = 100) -> dict[str, float]:
-    """Generate ``per_class`` samples for each class prompt ("a photo of a sneaker", ...) — or class
-    label, for class-conditional models — and report the fraction the classifier assigns to that class.
-    """
-    text = "caption" in pipe.conditioner.input_keys
-    labels = list(range(len(CLASS_NAMES)))
-    images = pipe(prompt=[caption_for(c) for c in labels] if text else None,
-                  class_labels=None if text else labels, num_images=per_class, cfg_scale=cfg_scale,
-                  sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, output_type="tensor")
-    target = torch.tensor(labels).repeat_interleave(per_class)
-    pred = torch.cat([classifier(images[i:i + 500].float().cpu()).argmax(1) for i in range(0, len(images), 500)])
-    correct = pred == target
-    out = {"accuracy": correct.float().mean().item()}
-    for c, name in enumerate(CLASS_NAMES):
-        out[name] = correct[target == c].float().mean().item()
+def score_samples(images: torch.Tensor, conditions: Conditions, *, fid: FrechetInceptionDistance | None = None,
+                  clip: CLIPScore | None = None, classifier: nn.Module | None = None,
+                  batch_size: int = 100) -> dict[str, float]:
+    """FID (``fid`` must hold the reference statistics; its sample statistics are reset afterwards),
+    CLIP score against the captions and the classifier's accuracy against the labels — those given."""
+    out: dict[str, float] = {}
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        if fid is not None:
+            fid.update(chunk.to(fid.device), real=False)
+        if clip is not None:
+            clip.update(chunk.to(clip.device), conditions.captions[start:start + batch_size])
+        if classifier is not None:
+            pred = classifier(chunk.float().cpu() * 2 - 1).argmax(1)
+            correct += (pred == torch.tensor(conditions.labels[start:start + batch_size])).sum().item()
+    if fid is not None:
+        out["fid"] = float(fid.compute())
+        fid.reset()
+    if clip is not None:
+        out["clip_score"] = float(clip.compute())
+        clip.reset()
+    if classifier is not None:
+        out["class_accuracy"] = correct / len(images)
     return out
+
+
+class SampleJudge:
+    """A fixed reference set and the metrics to judge models against it, reusable across models and
+    guidance scales: FID (``extractor``'s features; reference statistics computed once), CLIP score
+    (``clip``) and class accuracy (``classifier``) — those given."""
+
+    def __init__(self, reference_batches: Iterable[dict], num_samples: int, *, extractor: nn.Module | None = None,
+                 clip: CLIPScore | None = None, classifier: nn.Module | None = None):
+        self.fid = (FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=True)
+                    if extractor is not None else None)
+        self.extractor_name = getattr(extractor, "name", None)
+        self.clip = clip
+        self.classifier = classifier
+        self.conditions = read_reference(reference_batches, num_samples, self.fid)
+
+    def __call__(self, pipe: LatentDiffusionPipeline, **sampling) -> dict[str, float]:
+        """Generate one sample per reference condition (``sampling``: sampler, steps, cfg_scale, seed) and score."""
+        images = generate(pipe, self.conditions, **sampling)
+        scores = score_samples(images, self.conditions, fid=self.fid, clip=self.clip, classifier=self.classifier)
+        if "fid" in scores:
+            scores[f"fid_{self.extractor_name}"] = scores.pop("fid")
+        return scores

@@ -14,12 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with at most ``groups`` groups that still divides ``channels``."""
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with at most ``groups`` groups that still divides ``channels``.
+
+    eps follows CompVis: 1e-6 in the autoencoder and the spatial transformer, 1e-5 (PyTorch's default,
+    their GroupNorm32) in the U-Net's residual blocks and output — so their checkpoints compute the same here.
+    """
     groups = min(groups, channels)
     while channels % groups:
         groups -= 1
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(groups, channels, eps=eps, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -248,6 +252,9 @@ class AutoencoderKL(nn.Module):
         self.embed_dim = embed_dim
         self.downsampling_factor = f
         self.resolution = resolution
+        # The constructor arguments, for converting to other formats (ldm.interop).
+        self.arch = dict(in_channels=in_channels, out_channels=out_channels, embed_dim=embed_dim,
+                         **common | {"ch_mult": list(ch_mult), "attn_resolutions": list(attn_resolutions)})
         self.register_buffer("latent_mean", torch.zeros(embed_dim))
         self.register_buffer("latent_std", torch.ones(embed_dim))
 

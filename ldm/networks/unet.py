@@ -40,9 +40,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(channels, eps=1e-5), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(group_norm(out_channels, eps=1e-5), nn.SiLU(), nn.Dropout(dropout),
                                         zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -96,6 +97,12 @@ class UNet(nn.Module):
             raise ValueError("set exactly one of num_heads and num_head_channels")
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
+        # The constructor arguments, for converting to other formats (ldm.interop).
+        self.arch = dict(in_channels=in_channels, out_channels=self.out_channels, model_channels=model_channels,
+                         num_res_blocks=num_res_blocks, attention_resolutions=list(attention_resolutions),
+                         channel_mult=list(channel_mult), num_heads=num_heads, num_head_channels=num_head_channels,
+                         transformer_depth=transformer_depth, context_dim=context_dim, adm_in_channels=adm_in_channels,
+                         use_linear_in_transformer=use_linear_in_transformer)
         self.context_dim = context_dim
         self.adm_in_channels = adm_in_channels
         self.use_checkpoint = use_checkpoint
@@ -141,7 +148,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(),
+        self.out = nn.Sequential(group_norm(ch, eps=1e-5), nn.SiLU(),
                                  zero_module(nn.Conv2d(model_channels, self.out_channels, 3, padding=1)))
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,

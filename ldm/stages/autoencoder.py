@@ -11,6 +11,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.networks.autoencoder import AutoencoderKL
+from ldm.stages.guard import NonFiniteGuard
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -24,7 +25,7 @@ class AutoencoderStage(L.LightningModule):
     """
 
     def __init__(self, *, autoencoder: AutoencoderKL, loss: AutoencoderLoss, optimizer: OptimizerFactory,
-                 disc_optimizer: OptimizerFactory, grad_clip: float | None = None):
+                 disc_optimizer: OptimizerFactory, grad_clip: float | None = None, max_nonfinite: int = 5):
         super().__init__()
         self.automatic_optimization = False
         self.autoencoder = autoencoder
@@ -32,6 +33,7 @@ class AutoencoderStage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer
         self.grad_clip = grad_clip
+        self.guard = NonFiniteGuard(max_nonfinite)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.run_config: dict[str, Any] | None = None
@@ -51,21 +53,30 @@ class AutoencoderStage(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         opt_ae, opt_d = self.optimizers()
         x = batch["image"]
         step = self.batch_step
         xrec, posterior = self.autoencoder(x)
         g_loss, logs = self.loss.generator_loss(x, xrec, posterior, step,
                                                 last_layer=self.autoencoder.decoder.last_layer)
+        parts = {k: logs[k] for k in ("rec_loss", "kl_loss", "g_loss", "d_weight") if k in logs}
+        if not self.guard.check(self, parts, step):
+            self.log("train/nonfinite_skipped", float(self.guard.skipped), batch_size=x.shape[0])
+            return None
         self._step(opt_ae, g_loss)
         if self.loss.disc_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(x, xrec)
-            self._step(opt_d, d_loss)
+            if self.guard.check(self, {"d_loss": d_loss}, step):
+                self._step(opt_d, d_loss)
+            else:
+                opt_d.zero_grad(set_to_none=True)
+                opt_d.step()
             logs |= d_logs
         else:
             opt_d.zero_grad(set_to_none=True)
             opt_d.step()  # no gradients: a no-op that keeps global_step = 2 x batches
+        logs["nonfinite_skipped"] = float(self.guard.skipped)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=x.shape[0])
         self.log("train/rec", logs["rec_loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
         return g_loss.detach()

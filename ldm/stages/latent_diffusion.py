@@ -16,6 +16,7 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.stages.guard import NonFiniteGuard
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -31,7 +32,8 @@ class LatentDiffusionStage(L.LightningModule):
     def __init__(self, *, unet: UNet, conditioner: Conditioner, first_stage: str | AutoencoderKL,
                  schedule: NoiseSchedule, optimizer: OptimizerFactory, prediction: str = "eps",
                  min_snr_gamma: float | None = None, latent_norm: str = "channel", warmup_steps: int = 0,
-                 timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing"):
+                 timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing",
+                 max_nonfinite: int = 5):
         super().__init__()
         ae = load_first_stage(first_stage) if isinstance(first_stage, str | Path) else first_stage
         ae.eval().requires_grad_(False)
@@ -61,6 +63,7 @@ class LatentDiffusionStage(L.LightningModule):
         self.timestep_buckets = timestep_buckets
         self.sampling = dict(sampling or {})
         self.spacing = spacing
+        self.guard = NonFiniteGuard(max_nonfinite)
         self.run_config: dict[str, Any] | None = None
 
     def _apply(self, fn: Callable, recurse: bool = True) -> LatentDiffusionStage:
@@ -109,9 +112,13 @@ class LatentDiffusionStage(L.LightningModule):
                 self.log(f"{prefix}/loss_t{k * edges}-{(k + 1) * edges - 1}", per_sample[sel].mean(),
                          batch_size=int(sel.sum()))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         per_sample, t = self.loss(batch)
         loss = per_sample.mean()
+        data = batch["latent"] if "latent" in batch else batch["image"]
+        if not self.guard.check(self, {"mse": loss, "input": data}, self.global_step):
+            self.log("train/nonfinite_skipped", float(self.guard.skipped), batch_size=len(t))
+            return None  # Lightning skips backward and the optimiser step
         self.log("train/loss", loss, prog_bar=True, batch_size=len(t))
         self._log_buckets("train", per_sample.detach(), t)
         return loss

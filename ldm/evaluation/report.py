@@ -1,0 +1,73 @@
+"""Tables (Markdown + CSV) and plots (PNG) for benchmark and ablation reports."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    """One line describing where a number was measured: CPU, cores, torch, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {gpu}")
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str, preamble: str = "") -> Path:
+    """``<out_dir>/<name>.md`` (title, machine, preamble, table) and ``<name>.csv``; returns the .md path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else []
+    with open(out_dir / f"{name}.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    md = out_dir / f"{name}.md"
+    md.write_text(f"# {title}\n\nMachine: {machine()}\n\n{preamble}\n\n{markdown_table(rows, columns)}\n")
+    return md
+
+
+def line_plot(path: str | Path, x: list[float], series: dict[str, list[float | None]], xlabel: str,
+              title: str, log2_x: bool = False) -> Path:
+    """One panel per series (each has its own scale) against a shared x axis, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.4), squeeze=False)
+    for ax, (label, values) in zip(axes[0], series.items(), strict=True):
+        pts = [(a, b) for a, b in zip(x, values, strict=True) if b is not None]
+        ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o")
+        ax.set_xlabel(xlabel)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(x, [f"{v:g}" for v in x])
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

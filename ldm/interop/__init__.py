@@ -1,0 +1,1 @@
+"""Weights in other ecosystems' formats: CompVis / Stable Diffusion checkpoints and diffusers folders."""

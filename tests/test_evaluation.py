@@ -1,0 +1,220 @@
+"""Evaluation and tracking: FID (custom and Inception extractors, DDP), CLIP score, W&B offline runs,
+the ablation report and the guidance sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from ldm.checkpoints import export_folder
+from ldm.evaluation.clip_score import CLIPScore
+from ldm.evaluation.features import ClassifierFeatures, InceptionFeatures
+from ldm.networks.classifier import FashionClassifier
+from ldm.training import train
+from tests.conftest import ROOT, TINY_RES
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory) -> Path:
+    """A random-init Fashion-MNIST classifier exported as scripts/train_classifier.py would."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("classifier") / "fashion_classifier"
+    export_folder(path, FashionClassifier().eval(), "classifier",
+                  {"_target_": "ldm.networks.classifier.FashionClassifier"}, {})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
+    """A tiny open_clip architecture registered under a name, with random weights saved to a file."""
+    root = tmp_path_factory.mktemp("clip")
+    (root / "tiny-test-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(root / "tiny-test-clip.json")
+    torch.manual_seed(0)
+    weights = root / "tiny_clip.pt"
+    torch.save(open_clip.create_model("tiny-test-clip").state_dict(), weights)
+    return "tiny-test-clip", weights
+
+
+def random_inception_file(path: Path) -> Path:
+    """InceptionV3 with random weights in torch-fidelity's layout (built without loading any file)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
+            mock.patch("torch.load", return_value={}):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_fid_from_a_local_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*weights-inception-2015-12-05-6726825d\.pth"):
+        InceptionFeatures(tmp_path / "nowhere.pth")
+    extractor = InceptionFeatures(random_inception_file(tmp_path / "inception.pth"))
+    assert "inception.pth" in extractor.description
+    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
+    gen = torch.Generator().manual_seed(0)
+    real = torch.rand(6, 3, 32, 32, generator=gen)
+    fid.update(real, real=True)
+    fid.update(real, real=False)
+    same = float(fid.compute())
+    fid.reset()
+    fid.update(real, real=True)
+    fid.update(torch.rand(6, 3, 32, 32, generator=gen) * 0.3, real=False)
+    assert abs(same) < 1e-2 * float(fid.compute())
+
+
+def test_inception_weights_that_would_run_code_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "inception.pth"
+    torch.save({"w": Evil()}, path)
+    with pytest.raises(ValueError, match=r"refusing Inception weights file .*inception\.pth.*weights_only=True"):
+        InceptionFeatures(path)
+
+
+def test_clip_score_is_the_clamped_cosine(tiny_clip):
+    arch, weights = tiny_clip
+    metric = CLIPScore(arch, str(weights))
+    images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    prompts = ["a photo of a bag", "a photo of a coat", "a photo of a dress", "a photo of a shirt"]
+    model = metric.model
+    x = torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = (x - metric.mean) / metric.std
+    cos = torch.nn.functional.cosine_similarity(model.encode_image(x), model.encode_text(metric.tokenizer(prompts)))
+    metric.update(images[:2], prompts[:2])
+    metric.update(images[2:], prompts[2:])
+    torch.testing.assert_close(metric.compute(), (100 * cos.clamp_min(0)).mean(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        CLIPScore(arch, "/nowhere/missing.pt")
+
+
+def _ddp_fid(rank: int, world: int, init: str, classifier: str, real: torch.Tensor, fake: torch.Tensor,
+             out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    fid = FrechetInceptionDistance(feature=ClassifierFeatures(classifier), normalize=True)
+    share = len(real) // world
+    fid.update(real[rank * share:(rank + 1) * share], real=True)
+    fid.update(fake[rank * share:(rank + 1) * share], real=False)
+    value = float(fid.compute())  # all-reduces the feature sums across ranks
+    if rank == 0:
+        Path(out).write_text(repr(value))
+    dist.destroy_process_group()
+
+
+def test_two_process_fid_equals_one_process_fid(tmp_path, classifier_dir):
+    gen = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 3, TINY_RES, TINY_RES, generator=gen)
+    fake = (torch.rand(40, 3, TINY_RES, TINY_RES, generator=gen) * 0.8 + 0.1)
+    fid = FrechetInceptionDistance(feature=ClassifierFeatures(classifier_dir), normalize=True)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    single = float(fid.compute())
+    out = tmp_path / "fid.txt"
+    mp.spawn(_ddp_fid, args=(2, f"file://{tmp_path}/store", str(classifier_dir), real, fake, str(out)), nprocs=2)
+    assert float(out.read_text()) == pytest.approx(single, rel=1e-5)
+    assert single > 0
+
+
+def _wandb_run_dirs(save_dir: Path) -> list[Path]:
+    return sorted((save_dir / "wandb").glob("offline-run-*"))
+
+
+def test_fid_and_clip_callbacks_log_to_an_offline_wandb_run_that_resumes(make_ldm_cfg, classifier_dir, tiny_clip,
+                                                                         tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    arch, weights = tiny_clip
+    wandb_dir = tmp_path / "wandb_runs"
+
+    def cfg_for(run: str, *extra: str):
+        return make_ldm_cfg("ldm_f8", "callbacks=latent_diffusion_eval", "logger=many", f"paths.output_dir={tmp_path}/{run}",
+                            f"logger.wandb.save_dir={wandb_dir}", "logger.wandb.offline=true",
+                            f"callbacks.fid.weights={classifier_dir}", f"callbacks.clip_score.arch={arch}",
+                            f"callbacks.clip_score.pretrained={weights}", "callbacks.sample_eval.num_samples=6",
+                            "callbacks.sample_eval.every_n_steps=2", "callbacks.sample_eval.steps=2",
+                            "data.samples_per_epoch=16", *extra)
+
+    metrics = train(cfg_for("run1", "trainer.max_steps=4"))
+    assert np.isfinite(metrics["eval/fid_classifier"]) and metrics["eval/fid_classifier"] > 0
+    assert 0 <= metrics["eval/clip_score"] <= 100
+    run_id = (tmp_path / "run1" / "wandb_id.txt").read_text()
+    (first,) = _wandb_run_dirs(wandb_dir)
+    assert first.name.endswith(run_id)
+    # The run folder holds what `wandb sync` uploads: the binary log with our keys, config, media.
+    log_bytes = next(first.glob("*.wandb")).read_bytes()
+    for key in (b"train/loss", b"eval/fid_classifier", b"eval/clip_score", b"val/samples"):
+        assert key in log_bytes
+    assert list((first / "files" / "media" / "images").glob("val/samples_*.png"))
+    csv_rows = list(csv.DictReader(open(tmp_path / "run1" / "csv" / "metrics.csv")))
+    fid_steps = [int(r["step"]) for r in csv_rows if r.get("eval/fid_classifier")]
+    assert fid_steps == [2, 4]  # every 2 steps; the end of fit at step 4 is not evaluated twice
+
+    train(cfg_for("run2", "trainer.max_steps=6", f"ckpt_path={tmp_path}/run1"))
+    assert (tmp_path / "run2" / "wandb_id.txt").read_text() == run_id
+    runs = _wandb_run_dirs(wandb_dir)
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory, data_dir, export_dir):
+    """The tiny first stages plus a tiny ldm_f8 trained for 2 steps on them (exported)."""
+    from tests.conftest import compose_cfg, tiny_ldm_overrides, tiny_overrides
+
+    root = tmp_path_factory.mktemp("ldm_run")
+    overrides = [o for o in tiny_overrides(root, data_dir) if not o.startswith(
+        ("model.autoencoder", "model.loss", "+data.prepare.limit", "data.prepare.samples_per_shard", "data.batch_size"))]
+    cfg = compose_cfg(["experiment=ldm_f8", *overrides, *tiny_ldm_overrides(export_dir), "trainer.max_steps=2",
+                       "data.samples_per_epoch=8"])
+    train(cfg)
+    return export_dir
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_ablation_report_and_guidance_sweep_write_tables_and_plots(tiny_exports, data_dir, classifier_dir, tmp_path):
+    common = ["--reference", str(data_dir / f"fashion_mnist_{TINY_RES}" / "val"), "--resolution", str(TINY_RES),
+              "--num-samples", "8", "--classifier", str(classifier_dir), "--extractor-weights", str(classifier_dir),
+              "--steps", "2"]
+    res = _script("scripts/ablation_report.py", "--exports", str(tiny_exports), "--recon-images", "16",
+                  "--out", str(tmp_path / "ablation"), *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "ablation" / "ablation_f.csv")))
+    assert [r["f"] for r in rows] == ["4", "8", "16"]
+    assert [r["latent"] for r in rows] == ["3x8x8", "4x4x4", "16x2x2"]
+    assert all(float(r["PSNR"]) > 0 and float(r["rFID"]) >= 0 for r in rows)
+    assert rows[1]["FID"] and not rows[0]["FID"]  # only f=8 has a stage-2 export here
+    assert "no stage-2 export" in res.stderr
+    for png in ("reconstruction_vs_f.png", "generation_vs_f.png", "throughput_vs_f.png"):
+        assert (tmp_path / "ablation" / png).stat().st_size > 1000
+    assert "| f | latent |" in (tmp_path / "ablation" / "ablation_f.md").read_text()
+
+    res = _script("scripts/guidance_sweep.py", "--model", str(tiny_exports / "ldm_f8"), "--scales", "1", "3",
+                  "--out", str(tmp_path / "sweep"), *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "guidance_sweep.csv")))
+    assert [r["cfg scale"] for r in rows] == ["1", "3"]
+    assert all(float(r["fid_classifier"]) > 0 and 0 <= float(r["class_accuracy"]) <= 100 for r in rows)
+    assert (tmp_path / "sweep" / "guidance_sweep.png").is_file()
