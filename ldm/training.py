@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -11,8 +12,8 @@ from typing import Any
 
 import lightning as L
 from hydra.errors import InstantiationException
-from lightning.pytorch.loggers import WandbLogger
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import ldm.utils.config  # noqa: F401  (registers the resolvers the configs use)
@@ -34,6 +35,14 @@ def check_writable(folder: str | Path, key: str) -> Path:
     except OSError as err:
         raise OSError(f"{key}={folder} is not writable ({err.strerror}); choose another with {key}=...") from err
     return folder
+
+
+def check_free_space(folder: str | Path, key: str, min_free_mb: int) -> None:
+    """A clear error now rather than a failed checkpoint write hours into the run."""
+    free = shutil.disk_usage(folder).free // 2**20
+    if free < min_free_mb:
+        raise OSError(f"{key}={folder} has {free} MiB free; a run needs at least {min_free_mb} MiB for checkpoints "
+                      "and logs (set min_free_mb=... to change the threshold)")
 
 
 def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
@@ -105,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_writable(cfg.paths.output_dir, "paths.output_dir")
+    check_free_space(cfg.paths.output_dir, "paths.output_dir", cfg.get("min_free_mb", 200))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
     pin_wandb_run_id(cfg, ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)

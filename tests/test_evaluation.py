@@ -148,7 +148,8 @@ def test_fid_and_clip_callbacks_log_to_an_offline_wandb_run_that_resumes(make_ld
     wandb_dir = tmp_path / "wandb_runs"
 
     def cfg_for(run: str, *extra: str):
-        return make_ldm_cfg("ldm_f8", "callbacks=latent_diffusion_eval", "logger=many", f"paths.output_dir={tmp_path}/{run}",
+        return make_ldm_cfg("ldm_f8", "callbacks=latent_diffusion_eval", "logger=many",
+                            f"paths.output_dir={tmp_path}/{run}",
                             f"logger.wandb.save_dir={wandb_dir}", "logger.wandb.offline=true",
                             f"callbacks.fid.weights={classifier_dir}", f"callbacks.clip_score.arch={arch}",
                             f"callbacks.clip_score.pretrained={weights}", "callbacks.sample_eval.num_samples=6",
@@ -182,8 +183,9 @@ def tiny_exports(tmp_path_factory, data_dir, export_dir):
     from tests.conftest import compose_cfg, tiny_ldm_overrides, tiny_overrides
 
     root = tmp_path_factory.mktemp("ldm_run")
-    overrides = [o for o in tiny_overrides(root, data_dir) if not o.startswith(
-        ("model.autoencoder", "model.loss", "+data.prepare.limit", "data.prepare.samples_per_shard", "data.batch_size"))]
+    skip = ("model.autoencoder", "model.loss", "+data.prepare.limit", "data.prepare.samples_per_shard",
+            "data.batch_size")
+    overrides = [o for o in tiny_overrides(root, data_dir) if not o.startswith(skip)]
     cfg = compose_cfg(["experiment=ldm_f8", *overrides, *tiny_ldm_overrides(export_dir), "trainer.max_steps=2",
                        "data.samples_per_epoch=8"])
     train(cfg)

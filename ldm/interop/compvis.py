@@ -132,7 +132,8 @@ def load_compvis_checkpoint(checkpoint: str | Path, config: str | Path | dict,
         params = cfg["model"]["params"]
         unet_params, fs_params = params["unet_config"]["params"], params["first_stage_config"]["params"]
     except KeyError as err:
-        raise ValueError(f"{config}: not a CompVis LatentDiffusion config (missing model.params.{err.args[0]})") from err
+        raise ValueError(f"{config}: not a CompVis LatentDiffusion config "
+                         f"(missing model.params.{err.args[0]})") from err
     state = read_state_dict(checkpoint, "CompVis checkpoint")
     unet = UNet(**unet_args_from_compvis(unet_params))
     load_compvis_unet(unet, state, use_ema, str(checkpoint))

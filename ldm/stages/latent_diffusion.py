@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,15 @@ import torch
 from ldm.checkpoints import load_first_stage
 from ldm.conditioning.conditioner import Conditioner
 from ldm.diffusion.objectives import check_prediction, diffusion_loss, min_snr_weight, training_target
+from ldm.diffusion.samplers import get_sampler, make_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.latent_cache import MANIFEST, read_manifest, weights_fingerprint
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.stages.guard import NonFiniteGuard
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -52,6 +56,10 @@ class LatentDiffusionStage(L.LightningModule):
             raise ValueError(f"latent side {side} (resolution {ae.resolution} / f={ae.downsampling_factor}) is not "
                              f"divisible by the U-Net's downsampling {unet.downsampling} (channel_mult)")
         self.__dict__["first_stage"] = ae  # not a submodule: frozen, outside state dict and optimiser
+        self.first_stage_path = Path(first_stage) if isinstance(first_stage, str | Path) else None
+        sampling = dict(sampling or {})
+        get_sampler(sampling.get("sampler", "dpmpp_2m"))  # unknown names fail here, not after training
+        make_timesteps(schedule.num_timesteps, 2, spacing)
         self.unet = unet
         self.conditioner = conditioner
         self.schedule = schedule
@@ -61,7 +69,7 @@ class LatentDiffusionStage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.timestep_buckets = timestep_buckets
-        self.sampling = dict(sampling or {})
+        self.sampling = sampling
         self.spacing = spacing
         self.guard = NonFiniteGuard(max_nonfinite)
         self.run_config: dict[str, Any] | None = None
@@ -70,6 +78,28 @@ class LatentDiffusionStage(L.LightningModule):
         super()._apply(fn, recurse)
         self.first_stage._apply(fn, recurse)
         return self
+
+    def on_fit_start(self) -> None:
+        data = getattr(self.trainer.datamodule, "data", None)
+        if data is not None and data.kind == "latent":
+            self.check_latent_cache(data.train_spec)
+
+    def check_latent_cache(self, shards: Any) -> None:
+        """Refuse a latent cache written by another first stage (its manifest names the weights' SHA-256)."""
+        if self.first_stage_path is None or not isinstance(shards, str | Path):
+            return
+        spec = Path(str(shards).split("{")[0])
+        manifest = next((m for m in (read_manifest(d) for d in (spec, spec.parent, spec.parent.parent)) if m), None)
+        if manifest is None:
+            log.warning("no %s next to %s: cannot verify the latent cache was made by %s", MANIFEST, shards,
+                        self.first_stage_path)
+            return
+        expected = weights_fingerprint(self.first_stage_path)
+        if manifest.get("first_stage_sha256") != expected:
+            raise ValueError(f"the latent cache {shards} was made by the first stage {manifest.get('first_stage')} "
+                             f"(sha256 {str(manifest.get('first_stage_sha256'))[:12]}…), not by model.first_stage="
+                             f"{self.first_stage_path} (sha256 {expected[:12]}…); rebuild it with "
+                             "scripts/cache_latents.py or point data.prepare at this first stage")
 
     def pipeline(self) -> LatentDiffusionPipeline:
         """A sampling pipeline over this module's current weights."""
