@@ -106,3 +106,40 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_dir):
     assert meta.world_size == 2
     # 2 ranks x 2 batches x 4 images x 4x4 latent positions
     assert meta.latent_stats.values_per_channel == 2 * 2 * 4 * 16
+
+
+def test_scale_lr_multiplies_by_the_global_batch(make_cfg):
+    from ldm.training import build, scale_learning_rates
+
+    cfg = make_cfg("ae_f8")
+    model = build(cfg.model)
+    scale_learning_rates(model, 4 * 2)
+    assert model.optimizer_factory.keywords["lr"] == pytest.approx(cfg.model.optimizer.lr * 8)
+    assert model.disc_optimizer_factory.keywords["lr"] == pytest.approx(cfg.model.optimizer.lr * 8)
+    metrics_cfg = make_cfg("ae_f8", "scale_lr=true", "trainer.max_steps=2", "callbacks.export_first_stage=null",
+                           "+callbacks.probe._target_=tests.test_reliability.Probe")
+    train(metrics_cfg)
+    from tests.test_reliability import CAPTURED
+
+    assert CAPTURED["optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(cfg.model.optimizer.lr * 4)
+
+
+def test_cluster_configs_compose_and_build(make_cfg):
+    from ldm.training import build
+
+    cfg = make_cfg("ae_f8", "trainer=fsdp")
+    policy = build(cfg.trainer.strategy.auto_wrap_policy)
+    from ldm.networks.attention import SpatialTransformer
+    from ldm.networks.unet import ResBlock
+
+    assert policy == {ResBlock, SpatialTransformer}
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import compose_cfg
+
+    assert compose_cfg(["trainer=ddp_bf16"]).trainer.precision == "bf16-mixed"
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        slurm = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                        return_hydra_config=True)
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.tasks_per_node == 8

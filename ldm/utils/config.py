@@ -32,6 +32,13 @@ def class_prompts() -> list[str]:
     return [caption_for(i) for i in range(len(CLASS_NAMES))]
 
 
+def module_classes(*paths: str) -> set[type]:
+    """Classes by dotted path, as a set (FSDP's auto-wrap policy takes a set of module classes)."""
+    from hydra.utils import get_class
+
+    return {get_class(p) for p in paths}
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
