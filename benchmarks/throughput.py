@@ -1,0 +1,129 @@
+"""Input pipeline and end-to-end stage-2 throughput.
+
+    python benchmarks/throughput.py
+
+1. Data loading: images/s decoded + resized + scaled (webdataset PNG shards, batch 16, 64 px) with 0, 1
+   and 2 workers, and latent-cache records/s (batch 64), against what the training steps consume
+   (ae_f8 step at batch 16, ldm_f8 U-Net step at batch 64, measured here in the same process).
+2. Stage 2 end to end through the Lightning loop (data, EMA, logging included): ldm_f8 with online
+   encoding of images by the frozen first stage vs reading the latent cache, the same number of steps.
+Needs exports/ae_f8 and the built-in dataset (python train.py experiment=ae_f8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, median_seconds, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loader_rate(data, batches: int) -> float:
+    loader = data.train_dataloader()
+    it = iter(loader)
+    first = next(it)  # worker start-up and shuffle-buffer fill are not throughput
+    n = len(first.get("image", first.get("latent")))
+    start = time.perf_counter()
+    for _ in itertools.islice(it, batches):
+        pass
+    return batches * n / (time.perf_counter() - start)
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import ldm.utils.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.hydra = None
+    return cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="stage-2 steps per end-to-end run")
+    parser.add_argument("--cache-limit", type=int, default=20000, help="training records in the latent cache")
+    args = parser.parse_args()
+    from ldm.data.loaders import ShardData
+    from ldm.training import build, train
+
+    images = ROOT / "data/fashion_mnist_64"
+    latents = ROOT / "data/latents/ae_f8"
+    rows = []
+    for workers in (0, 1, 2):
+        data = ShardData(train_shards=str(images / "train"), resolution=64, batch_size=16, num_workers=workers)
+        rows.append({"input": "PNG shards -> [-1, 1] 64 px", "workers": workers,
+                     "samples/s": f"{loader_rate(data, args.batches):.0f}"})
+        print(rows[-1], flush=True)
+    for workers in (0, 2):
+        data = ShardData(train_shards=str(latents / "train"), kind="latent", batch_size=64, num_workers=workers,
+                         required_keys=("caption", "class_label"))
+        rows.append({"input": "latent cache records", "workers": workers,
+                     "samples/s": f"{loader_rate(data, args.batches // 4):.0f}"})
+        print(rows[-1], flush=True)
+
+    ae_cfg = compose(["experiment=ae_f8", "trainer.accelerator=cpu"])
+    stage = build(ae_cfg.model)
+    opt_ae, _ = stage.configure_optimizers()
+    x = torch.rand(16, 3, 64, 64) * 2 - 1
+
+    def ae_step():
+        xrec, post = stage.autoencoder(x)
+        loss, _ = stage.loss.generator_loss(x, xrec, post, 0)
+        loss.backward()
+        opt_ae.step()
+        opt_ae.zero_grad(set_to_none=True)
+
+    consume = {"ae_f8 training step (batch 16)": 16 / median_seconds(ae_step, 1, 5)}
+    ldm_cfg = compose(["experiment=ldm_f8", "trainer.accelerator=cpu"])
+    ldm = build(ldm_cfg.model)
+    opt = ldm.configure_optimizers()["optimizer"]
+    batch = {"latent": torch.randn(64, 8, 8, 8).abs(), "caption": ["a photo of a bag"] * 64,
+             "class_label": torch.zeros(64, dtype=torch.long)}
+
+    def ldm_step():
+        ldm.loss(batch)[0].mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    consume["ldm_f8 U-Net step (batch 64)"] = 64 / median_seconds(ldm_step, 1, 5)
+    consumption = [{"training step": k, "consumes samples/s": f"{v:.0f}"} for k, v in consume.items()]
+    print(consumption, flush=True)
+
+    e2e = []
+    for name, extra in (("online encoding (data=fashion_mnist)", ["data=fashion_mnist", "data.batch_size=64"]),
+                        ("latent cache", [f"+data.prepare.limits.train={args.cache_limit}"])):
+        task = "bench_ldm_" + ("online" if "online" in name else "cache")
+        cfg = compose(["experiment=ldm_f8", f"task_name={task}", f"trainer.max_steps={args.steps}",
+                       "trainer.max_time=null", f"paths.output_dir={ROOT}/logs/{task}", *extra])
+        train(cfg)
+        meta = OmegaConf.load(ROOT / "exports" / task / "config.yaml").metadata
+        e2e.append({"stage 2 input": name, "steps": args.steps, "images": meta.fit_images,
+                    "seconds": meta.fit_seconds, "images/s": f"{meta.fit_images / meta.fit_seconds:.1f}"})
+        print(e2e[-1], flush=True)
+    speedup = float(e2e[1]["images/s"]) / float(e2e[0]["images/s"])
+    body = ("Data loading (first batch excluded: worker start-up and shuffle buffer):\n\n"
+            + markdown_table(rows, list(rows[0])) + "\n\nWhat the training steps consume (forward + backward + "
+            "optimiser, no data loading):\n\n" + markdown_table(consumption, list(consumption[0]))
+            + f"\n\nStage 2 end to end (Lightning loop, ldm_f8, batch 64, {args.steps} steps, fit wall time incl. "
+            f"data, EMA, logging):\n\n" + markdown_table(e2e, list(e2e[0]))
+            + f"\n\nLatent cache vs online encoding: {speedup:.2f}x.")
+    path = write_result("throughput", "Input pipeline and stage-2 throughput", body)
+    print(body, f"\nwritten to {path}", sep="\n")
+
+
+if __name__ == "__main__":
+    main()

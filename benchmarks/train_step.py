@@ -1,0 +1,133 @@
+"""Training-step speed: our U-Net and autoencoder vs diffusers' with the identical architecture.
+
+    python benchmarks/train_step.py                  # fp32 (+ bf16-mixed where bf16 is native)
+
+U-Net: the ldm_f8 U-Net (model_channels 64, channel_mult [1, 2], attention at both levels, 32-wide
+heads, linear projections), batch 32 on 8x8x4 latents with a 77-token context of width 128. The
+diffusers twin is built from the same config by ldm.interop.diffusers (equal parameter counts are
+asserted) and given the same weights. Autoencoder: the ae_f8 network (ch 32, ch_mult [1, 2, 4, 4]),
+batch 16 at 64 px, L1 + KL. A step = forward + backward + AdamW. Also reported: achieved FLOP/s of
+our U-Net step (counted with torch.utils.flop_counter) against this machine's matmul ceiling, and
+peak RSS (CPU) or max allocated memory (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, median_seconds, native_bf16, peak_rss_mb, write_result  # noqa: E402
+
+from ldm.interop.diffusers import save_diffusers_folder  # noqa: E402
+from ldm.networks.autoencoder import AutoencoderKL  # noqa: E402
+from ldm.networks.unet import UNet  # noqa: E402
+
+UNET = dict(in_channels=4, model_channels=64, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions=[1, 2],
+            num_head_channels=32, context_dim=128, use_linear_in_transformer=True)
+AE = dict(ch=32, ch_mult=[1, 2, 4, 4], num_res_blocks=1, resolution=64, z_channels=4, embed_dim=4)
+
+
+def matmul_ceiling(dtype: torch.dtype, device: str) -> float:
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    sec = median_seconds(lambda: (a @ b, torch.cuda.synchronize() if device == "cuda" else None), 1, 5)
+    return 2 * 2048**3 / sec
+
+
+def unet_step(model, diffusers: bool, x, t, ctx, opt, autocast):
+    with autocast:
+        out = model(x, t, encoder_hidden_states=ctx).sample if diffusers else model(x, t, context=ctx)
+        loss = (out.float() - x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def vae_step(model, diffusers: bool, x, opt, autocast):
+    with autocast:
+        if diffusers:
+            post = model.encode(x).latent_dist
+            rec = model.decode(post.sample()).sample
+        else:
+            post = model.encode(x)
+            rec = model.decode(post.sample())
+        loss = (rec.float() - x).abs().mean() + 1e-6 * post.kl().float().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import UNet2DConditionModel
+
+    device = args.device
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    precisions = ["fp32"] + (["bf16-mixed"] if native_bf16() else [])
+    tmp = Path("/tmp/ldm_bench_models")
+    torch.manual_seed(0)
+    ours_unet = UNet(**UNET)
+    theirs_unet = UNet2DConditionModel.from_pretrained(save_diffusers_folder(ours_unet, tmp / "unet"))
+    ours_vae = AutoencoderKL(**AE)
+    theirs_vae = DiffusersVAE.from_pretrained(save_diffusers_folder(ours_vae, tmp / "vae"))
+    for a, b in ((ours_unet, theirs_unet), (ours_vae, theirs_vae)):
+        assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    x = torch.randn(32, 4, 8, 8, device=device)
+    t = torch.randint(0, 1000, (32,), device=device)
+    ctx = torch.randn(32, 77, 128, device=device)
+    img = torch.rand(16, 3, 64, 64, device=device) * 2 - 1
+
+    rows = []
+    for precision in precisions:
+        autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext())
+        for name, ours, theirs, step, inputs, per in (
+            ("U-Net", ours_unet, theirs_unet, unet_step, (x, t, ctx), 32),
+            ("autoencoder", ours_vae, theirs_vae, vae_step, (img,), 16),
+        ):
+            times = {}
+            for who, model in (("ours", ours), ("diffusers", theirs)):
+                model.to(device).train()
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+                def run(m=model, o=opt, w=who, f=step, i=inputs, ac=autocast):
+                    f(m, w == "diffusers", *i, o, ac)
+                    sync()
+
+                times[who] = median_seconds(run, 2, args.iters)
+            with FlopCounterMode(display=False) as counter:
+                step(ours, False, *inputs, torch.optim.AdamW(ours.parameters(), lr=0), autocast)
+            flops = counter.get_total_flops()
+            rows.append({"model": name, "precision": precision, "batch": per,
+                         "params (M)": f"{sum(p.numel() for p in ours.parameters()) / 1e6:.2f}",
+                         "ours (ms)": f"{1000 * times['ours']:.0f}",
+                         "diffusers (ms)": f"{1000 * times['diffusers']:.0f}",
+                         "speed-up": f"{times['diffusers'] / times['ours']:.2f}x",
+                         "ours img/s": f"{per / times['ours']:.1f}",
+                         "GFLOP/step": f"{flops / 1e9:.1f}",
+                         "ours GFLOP/s": f"{flops / times['ours'] / 1e9:.0f}"})
+            print(rows[-1], flush=True)
+    ceilings = {p: matmul_ceiling(torch.bfloat16 if p == "bf16-mixed" else torch.float32, device) / 1e9
+                for p in precisions}
+    memory = (f"max allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device == "cuda"
+              else f"peak RSS {peak_rss_mb():.0f} MiB (whole process, both implementations)")
+    body = (f"Median of {args.iters} steps after 2 warm-up steps; step = forward + backward + AdamW. "
+            + ("bf16-mixed not run: bf16 is not native on this CPU (it would time an emulation). "
+               if "bf16-mixed" not in precisions else "")
+            + "Matmul ceiling here (2048^3): " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items())
+            + f". Memory: {memory}.\n\n" + markdown_table(rows, list(rows[0])))
+    path = write_result("train_step", "Training step: ours vs diffusers (identical architectures)", body)
+    print(body, f"\nwritten to {path}", sep="\n")
+
+
+
+if __name__ == "__main__":
+    main()
