@@ -96,3 +96,18 @@ def test_missing_weights_file_and_unreachable_tag_are_clear_errors(tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="pass the local file as pretrained="):
         OpenCLIPTextEmbedder("RN50", pretrained="openai")
+
+
+def test_frozen_text_features_are_computed_once_per_caption(monkeypatch):
+    text = OpenCLIPTextEmbedder(TINY_TEXT, layer="penultimate", frozen=True)
+    caps = ["a photo of a bag", "a photo of a coat", "a photo of a bag"]
+    expected = text.encode(caps)
+    calls = []
+    original = text.encode
+    monkeypatch.setattr(text, "encode", lambda c: calls.append(list(c)) or original(c))
+    torch.testing.assert_close(text(caps), expected)
+    torch.testing.assert_close(text(["a photo of a coat", "", "a photo of a bag"]),
+                               torch.stack([expected[1], original([""])[0], expected[0]]))
+    assert calls == [["a photo of a bag", "a photo of a coat"], [""]]  # each distinct caption encoded once
+    trainable = OpenCLIPTextEmbedder(TINY_TEXT, layer="last", frozen=False)
+    assert trainable(caps).requires_grad  # trainable towers are never cached

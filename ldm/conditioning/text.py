@@ -37,6 +37,7 @@ class OpenCLIPTextEmbedder(nn.Module):
     """
 
     input_key = "caption"
+    CACHE_LIMIT = 100_000
     output = "context"
 
     def __init__(self, arch: str | dict[str, Any] = "ViT-H-14", pretrained: str | None = None,
@@ -69,6 +70,7 @@ class OpenCLIPTextEmbedder(nn.Module):
                              f"{self.embed_dim} wide")
         self.context_length = self.text.context_length
         self._tokens: dict[str, torch.Tensor] = {}
+        self._features: dict[str, torch.Tensor] = {}
         if frozen:
             self.requires_grad_(False)
             self.text.eval()
@@ -114,7 +116,8 @@ class OpenCLIPTextEmbedder(nn.Module):
     def null_input(self, batch_size: int, device: torch.device | None = None) -> list[str]:
         return [""] * batch_size
 
-    def forward(self, captions: list[str]) -> torch.Tensor:
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """Token features of the text tower, no caching."""
         tokens = self.tokenize(list(captions)).to(self.text.token_embedding.weight.device)
         x, attn_mask = self.text._embeds(tokens)
         blocks = self.text.transformer.resblocks
@@ -122,3 +125,24 @@ class OpenCLIPTextEmbedder(nn.Module):
         for block in blocks[:depth]:
             x = block(x, attn_mask=attn_mask)
         return self.text.ln_final(x)
+
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        """(B, context_length, width). A frozen tower's output depends on the caption alone, so each
+        distinct caption is encoded once and kept (up to ``CACHE_LIMIT`` captions)."""
+        captions = list(captions)
+        if not self.frozen:
+            return self.encode(captions)
+        device = self.text.token_embedding.weight.device
+        missing = [c for c in dict.fromkeys(captions) if c not in self._features]
+        if missing:
+            with torch.no_grad():
+                features = self.encode(missing)
+            if len(self._features) + len(missing) <= self.CACHE_LIMIT:
+                self._features.update(zip(missing, features, strict=True))
+            else:
+                return self.encode(captions)
+        return torch.stack([self._features[c] for c in captions]).to(device)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._features.clear()  # moved or cast: recompute on the new device / dtype
+        return super()._apply(fn, recurse)
