@@ -143,3 +143,12 @@ def test_cluster_configs_compose_and_build(make_cfg):
         slurm = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
                         return_hydra_config=True)
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.tasks_per_node == 8
+
+
+def test_compile_option_compiles_the_network_in_place(make_cfg, monkeypatch):
+    from ldm.networks.autoencoder import AutoencoderKL
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self)))
+    train(make_cfg("ae_f8", "model.compile=true", "debug=fdr"))
+    assert compiled == [AutoencoderKL]

@@ -25,7 +25,8 @@ class AutoencoderStage(L.LightningModule):
     """
 
     def __init__(self, *, autoencoder: AutoencoderKL, loss: AutoencoderLoss, optimizer: OptimizerFactory,
-                 disc_optimizer: OptimizerFactory, grad_clip: float | None = None, max_nonfinite: int = 5):
+                 disc_optimizer: OptimizerFactory, grad_clip: float | None = None, max_nonfinite: int = 5,
+                 compile: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.autoencoder = autoencoder
@@ -34,9 +35,14 @@ class AutoencoderStage(L.LightningModule):
         self.disc_optimizer_factory = disc_optimizer
         self.grad_clip = grad_clip
         self.guard = NonFiniteGuard(max_nonfinite)
+        self.compile_networks = compile
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.run_config: dict[str, Any] | None = None
+
+    def configure_model(self) -> None:
+        if self.compile_networks:  # in place: parameter names (and checkpoints) stay as they are
+            self.autoencoder.compile()
 
     @property
     def batch_step(self) -> int:

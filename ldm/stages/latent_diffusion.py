@@ -37,7 +37,7 @@ class LatentDiffusionStage(L.LightningModule):
                  schedule: NoiseSchedule, optimizer: OptimizerFactory, prediction: str = "eps",
                  min_snr_gamma: float | None = None, latent_norm: str = "channel", warmup_steps: int = 0,
                  timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing",
-                 max_nonfinite: int = 5):
+                 max_nonfinite: int = 5, compile: bool = False):
         super().__init__()
         ae = load_first_stage(first_stage) if isinstance(first_stage, str | Path) else first_stage
         ae.eval().requires_grad_(False)
@@ -72,12 +72,17 @@ class LatentDiffusionStage(L.LightningModule):
         self.sampling = sampling
         self.spacing = spacing
         self.guard = NonFiniteGuard(max_nonfinite)
+        self.compile_networks = compile
         self.run_config: dict[str, Any] | None = None
 
     def _apply(self, fn: Callable, recurse: bool = True) -> LatentDiffusionStage:
         super()._apply(fn, recurse)
         self.first_stage._apply(fn, recurse)
         return self
+
+    def configure_model(self) -> None:
+        if self.compile_networks:  # in place: parameter names (and checkpoints) stay as they are
+            self.unet.compile()
 
     def on_fit_start(self) -> None:
         data = getattr(self.trainer.datamodule, "data", None)
