@@ -41,8 +41,10 @@ class AutoencoderStage(L.LightningModule):
         self.run_config: dict[str, Any] | None = None
 
     def configure_model(self) -> None:
-        if self.compile_networks:  # in place: parameter names (and checkpoints) stay as they are
+        # Lightning may call this hook more than once; compile in place once (parameter names unchanged).
+        if self.compile_networks and not getattr(self, "_compiled", False):
             self.autoencoder.compile()
+            self._compiled = True
 
     @property
     def batch_step(self) -> int:

@@ -81,8 +81,10 @@ class LatentDiffusionStage(L.LightningModule):
         return self
 
     def configure_model(self) -> None:
-        if self.compile_networks:  # in place: parameter names (and checkpoints) stay as they are
+        # Lightning may call this hook more than once; compile in place once (parameter names unchanged).
+        if self.compile_networks and not getattr(self, "_compiled", False):
             self.unet.compile()
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         data = getattr(self.trainer.datamodule, "data", None)
