@@ -68,13 +68,18 @@ def _assert_optimizer_equal(restored: dict, saved: dict) -> None:
 PROBE = "+callbacks.probe._target_=tests.test_reliability.Probe"
 
 
-def test_resume_restores_weights_ema_optimisers_discriminator_and_step(make_cfg):
-    first = make_cfg("ae_f8", "trainer.max_steps=8", "callbacks.export_first_stage=null", "model.loss.disc_start=1",
-                     "callbacks.model_checkpoint.every_n_train_steps=4")
+def _train_then_resume(make, experiment: str, steps: int, more: int, *common: str) -> dict:
+    """Train ``steps``, resume to ``steps + more`` with the probe on; returns the first run's last checkpoint."""
+    first = make(experiment, f"trainer.max_steps={steps}", *common)
     train(first)
     ckpt = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    train(make_cfg("ae_f8", "trainer.max_steps=12", "callbacks.export_first_stage=null", "model.loss.disc_start=1",
-                   f"ckpt_path={first.paths.output_dir}", PROBE))
+    train(make(experiment, f"trainer.max_steps={steps + more}", *common, f"ckpt_path={first.paths.output_dir}", PROBE))
+    return ckpt
+
+
+def test_resume_restores_weights_ema_optimisers_discriminator_and_step(make_cfg):
+    ckpt = _train_then_resume(make_cfg, "ae_f8", 8, 4, "callbacks.export_first_stage=null", "model.loss.disc_start=1",
+                              "callbacks.model_checkpoint.every_n_train_steps=4")
     assert CAPTURED["global_step"] == ckpt["global_step"] == 8
     assert len(CAPTURED["optimizers"]) == 2  # autoencoder and discriminator
     for restored, saved in zip(CAPTURED["optimizers"], ckpt["optimizer_states"], strict=True):
@@ -85,12 +90,8 @@ def test_resume_restores_weights_ema_optimisers_discriminator_and_step(make_cfg)
 
 
 def test_resume_restores_the_lr_schedule_of_stage_two(make_ldm_cfg):
-    first = make_ldm_cfg("ldm_f8", "trainer.max_steps=3", "model.warmup_steps=10", "data.samples_per_epoch=16",
-                         "callbacks.export_pipeline=null")
-    train(first)
-    ckpt = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    train(make_ldm_cfg("ldm_f8", "trainer.max_steps=5", "model.warmup_steps=10", "data.samples_per_epoch=16",
-                       "callbacks.export_pipeline=null", f"ckpt_path={first.paths.output_dir}", PROBE))
+    ckpt = _train_then_resume(make_ldm_cfg, "ldm_f8", 3, 2, "model.warmup_steps=10", "data.samples_per_epoch=16",
+                              "callbacks.export_pipeline=null")
     assert CAPTURED["global_step"] == 3
     assert CAPTURED["schedulers"][0]["last_epoch"] == ckpt["lr_schedulers"][0]["last_epoch"] == 3
     _assert_optimizer_equal(CAPTURED["optimizers"][0], ckpt["optimizer_states"][0])

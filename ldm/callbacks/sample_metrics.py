@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 
 import lightning as L
 import torch
@@ -32,7 +33,7 @@ def rank_share(n: int, rank: int, world: int) -> range:
     return range(min(n, rank * per), min(n, (rank + 1) * per))
 
 
-class SampleMetricCallback(L.Callback):
+class SampleMetricCallback(L.Callback, ABC):
     """Base: generates samples on schedule and hands them to :meth:`evaluate`.
 
     Args:
@@ -72,9 +73,9 @@ class SampleMetricCallback(L.Callback):
         """The FID metric whose real statistics the reference images feed (None: conditions only)."""
         return None
 
+    @abstractmethod
     def evaluate(self, images: torch.Tensor, conditions: Conditions) -> dict[str, float]:
         """This rank's samples in [0, 1] and their conditions -> metrics (all ranks must call compute)."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         """What produced the numbers (which feature extractor or model), for the log."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm.checkpoints import read_state_dict
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 
@@ -239,8 +240,6 @@ def _read_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]
     config = json.loads((path / CONFIG).read_text())
     weights = path / WEIGHTS
     if not weights.is_file():
-        from ldm.checkpoints import read_state_dict
-
         bin_file = path / "diffusion_pytorch_model.bin"
         if not bin_file.is_file():
             raise FileNotFoundError(f"no weights in {path} (expected {WEIGHTS} or diffusion_pytorch_model.bin)")
