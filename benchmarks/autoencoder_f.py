@@ -2,6 +2,7 @@
 and the Fashion-MNIST classifier's label agreement between originals and reconstructions.
 
     python benchmarks/autoencoder_f.py --minutes 5            # f = 4, 8, 16, 5 min of training each
+    python benchmarks/autoencoder_f.py --fs 8 --minutes 45 --result autoencoder_f8_45min
 
 Each f is trained by the real CLI (`train.py experiment=ae_f<f> trainer.max_time=...`) into
 `exports/bench_ae_f<f>`, then evaluated on the Fashion-MNIST test split (10,000 images).
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="test images to evaluate (all: 10000)")
     parser.add_argument("--skip-training", action="store_true", help="evaluate existing exports only")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    parser.add_argument("--result", default="autoencoder_f",
+                        help="results file name (benchmarks/results/<name>.md), e.g. for a single-f long run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -78,7 +81,7 @@ def main() -> None:
             f"default experiment configs{' + ' + ' '.join(args.extra) if args.extra else ''}. "
             "Metrics on the Fashion-MNIST test split at 64 px, posterior mode. img/s = training images per "
             "second of wall time in the Lightning loop.\n\n" + table)
-    path = write_result("autoencoder_f", "Stage 1: autoencoder vs downsampling factor f", body)
+    path = write_result(args.result, "Stage 1: autoencoder vs downsampling factor f", body)
     print(table)
     print(f"\nwritten to {path}")
 

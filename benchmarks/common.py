@@ -8,7 +8,8 @@ from ldm.evaluation.report import machine, markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "markdown_table", "median_seconds", "native_bf16", "peak_rss_mb", "write_result"]
+__all__ = ["RESULTS", "interleaved_medians", "markdown_table", "median_seconds", "native_bf16", "peak_rss_mb",
+           "write_result"]
 
 
 def write_result(name: str, title: str, body: str) -> Path:
@@ -31,6 +32,27 @@ def median_seconds(fn, warmup: int = 2, iters: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, warmup: int = 2, rounds: int = 7) -> dict:
+    """Median wall time of each of ``fns`` (name -> callable), timed in alternation round by round.
+
+    Timing the candidates in turn within each round, rather than one block after another, keeps the
+    machine's drift (10-20% here) from landing on one side of a comparison.
+    """
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_rss_mb() -> float:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from ldm.networks.autoencoder import AutoencoderKL, DiagonalGaussian
@@ -56,3 +57,22 @@ def test_seeded_sampling_is_reproducible():
     a = post.sample(torch.Generator().manual_seed(3))
     b = post.sample(torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (2, 6, 9, 12), (1, 4, 3, 5)])
+def test_upsample_conv_matches_interpolate_then_conv(shape):
+    """The four-phase 2x2 form (and its small-input fallback) is nearest-x2 + 3x3 conv, values and gradients."""
+    from ldm.networks.resample import upsample_conv3x3
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    weight = torch.randn(5, shape[1], 3, 3, requires_grad=True)
+    bias = torch.randn(5, requires_grad=True)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    out = upsample_conv3x3(x, weight, bias)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, (x, weight, bias), grad)
+    for a, b in zip(expected, torch.autograd.grad(out, (x, weight, bias), grad), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)

@@ -28,9 +28,14 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
         b, n, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        # One matmul for the projections that share an input (q, k, v of self-attention; k, v of
+        # cross-attention): fewer, larger GEMMs. The weights stay separate parameters (checkpoint layout).
+        if context is None:
+            q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).chunk(3, -1)
+        else:
+            q = self.to_q(x)
+            k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, -1)
         q, k, v = (a.view(b, -1, self.heads, a.shape[-1] // self.heads).transpose(1, 2) for a in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))

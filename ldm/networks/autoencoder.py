@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.networks.resample import upsample_conv3x3
+
 
 def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
     """GroupNorm with at most ``groups`` groups that still divides ``channels``.
@@ -78,14 +80,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 convolution."""
+    """Nearest-neighbour x2 followed by a 3x3 convolution (run as four 2x2 convolutions: ldm.networks.resample)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
 
 
 class _Level(nn.Module):
