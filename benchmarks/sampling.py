@@ -6,7 +6,8 @@ Wall time: 64 images (the ten class prompts cycled), cfg 4, our DDIM 50 and DPM-
 vs diffusers' DDIMScheduler 50 and DPMSolverMultistepScheduler 20 stepping the same guided U-Net
 (decoding included). Quality vs steps: --num-samples samples for the conditions of that many test
 images, FID in the offline classifier's feature space and class accuracy, for DDIM and DPM++ at
---steps; shows where each converges.
+--quality-steps; shows where each converges. DDIM at the most steps and DPM++ at --fast-steps run with a
+second seed too: the seed-to-seed spread is the noise their gap is judged against.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def diffusers_sample(pipe: LatentDiffusionPipeline, scheduler, prompts: list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="exports/ldm_f8")
-    parser.add_argument("--quality-steps", type=int, nargs="+", default=[5, 10, 20, 50, 100])
+    parser.add_argument("--quality-steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--fast-steps", type=int, default=20, help="DPM-Solver++ steps compared with DDIM at the most")
     add_judge_args(parser)
     parser.set_defaults(num_samples=500)
     args = parser.parse_args()
@@ -82,19 +84,46 @@ def main() -> None:
                 r["max |ours - diffusers| (pixels, [-1, 1])"] = f"{diff:.1e}"
 
     judge = judge_from_args(args)
-    quality = []
+    quality, scores = [], {}
     for sampler in ("ddim", "dpmpp_2m"):
         for steps in args.quality_steps:
-            scores = judge(pipe, sampler=sampler, steps=steps, cfg_scale=4.0, seed=args.seed)
-            quality.append({"sampler": sampler, "steps": steps,
-                            "FID (classifier features)": f"{scores['fid_classifier']:.3f}",
-                            "class accuracy": f"{100 * scores['class_accuracy']:.1f}%"})
-            print(quality[-1], flush=True)
+            scores[sampler, steps, args.seed] = judge(pipe, sampler=sampler, steps=steps, cfg_scale=4.0, seed=args.seed)
+    # The noise floor: the same sampler and steps with another seed (fresh noise, same conditions).
+    ref, fast = ("ddim", max(args.quality_steps)), ("dpmpp_2m", args.fast_steps)
+    for key in (ref, fast):
+        if (*key, args.seed) not in scores:
+            scores[(*key, args.seed)] = judge(pipe, sampler=key[0], steps=key[1], cfg_scale=4.0, seed=args.seed)
+        scores[(*key, args.seed + 1)] = judge(pipe, sampler=key[0], steps=key[1], cfg_scale=4.0, seed=args.seed + 1)
+    for (sampler, steps, seed), sc in sorted(scores.items()):
+        acc = sc["class_accuracy"]
+        se = (acc * (1 - acc) / args.num_samples) ** 0.5
+        quality.append({"sampler": sampler, "steps": steps, "seed": seed,
+                         "FID (classifier features)": f"{sc['fid_classifier']:.3f}",
+                         "class accuracy": f"{100 * acc:.1f}% ± {100 * se:.1f}"})
+        print(quality[-1], flush=True)
+
+    def mean(key, metric):
+        return (scores[(*key, args.seed)][metric] + scores[(*key, args.seed + 1)][metric]) / 2
+
+    fid_noise = max(abs(scores[(*k, args.seed)]["fid_classifier"] - scores[(*k, args.seed + 1)]["fid_classifier"])
+                    for k in (ref, fast))
+    fid_gap = abs(mean(fast, "fid_classifier") - mean(ref, "fid_classifier"))
+    acc_gap = abs(mean(fast, "class_accuracy") - mean(ref, "class_accuracy"))
+    # Standard error of a difference of two 2-seed means of binomial accuracies (2 * num_samples each).
+    p = mean(ref, "class_accuracy")
+    acc_se = (2 * p * (1 - p) / (2 * args.num_samples)) ** 0.5
+    within = fid_gap <= fid_noise and acc_gap <= 2 * acc_se
+    verdict = (f"DPM-Solver++(2M) {args.fast_steps} vs DDIM {ref[1]} (means over seeds {args.seed} and "
+               f"{args.seed + 1}): FID gap {fid_gap:.3f} vs seed-to-seed FID spread {fid_noise:.3f}; class-accuracy "
+               f"gap {100 * acc_gap:.1f} points vs 2 standard errors {200 * acc_se:.1f} -> "
+               + ("within noise." if within else "NOT within noise."))
+    print(verdict, flush=True)
     body = (f"Model {args.model}. Wall time: 64 images incl. decoding, cfg 4, batch 64, after one warm-up run.\n\n"
             + markdown_table(rows, list(rows[0]))
             + f"\n\nQuality vs steps: {args.num_samples} samples for the conditions of the first {args.num_samples} "
-            f"test images, cfg 4, seed {args.seed}; FID against those images in the Fashion-MNIST classifier's "
-            "feature space.\n\n" + markdown_table(quality, list(quality[0])))
+            f"test images, cfg 4; FID against those images in the Fashion-MNIST classifier's feature space; class "
+            "accuracy ± its binomial standard error.\n\n" + markdown_table(quality, list(quality[0]))
+            + f"\n\n{verdict}")
     path = write_result("sampling", "Sampling: speed and quality vs steps", body)
     print(body, f"\nwritten to {path}", sep="\n")
 

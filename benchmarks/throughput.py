@@ -56,12 +56,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--steps", type=int, default=60, help="stage-2 steps per end-to-end run")
     parser.add_argument("--cache-limit", type=int, default=20000, help="training records in the latent cache")
+    parser.add_argument("--first-stage", default="exports/ae_f8", help="the frozen first stage of stage 2")
     args = parser.parse_args()
     from ldm.data.loaders import ShardData
     from ldm.training import build, train
 
     images = ROOT / "data/fashion_mnist_64"
-    latents = ROOT / "data/latents/ae_f8"
+    first_stage = str((ROOT / args.first_stage).resolve())
+    latents = ROOT / "data/latents" / Path(first_stage).name
     rows = []
     for workers in (0, 1, 2):
         data = ShardData(train_shards=str(images / "train"), resolution=64, batch_size=16, num_workers=workers)
@@ -88,7 +90,7 @@ def main() -> None:
         opt_ae.zero_grad(set_to_none=True)
 
     consume = {"ae_f8 training step (batch 16)": 16 / median_seconds(ae_step, 1, 5)}
-    ldm_cfg = compose(["experiment=ldm_f8", "trainer.accelerator=cpu"])
+    ldm_cfg = compose(["experiment=ldm_f8", "trainer.accelerator=cpu", f"model.first_stage={first_stage}"])
     ldm = build(ldm_cfg.model)
     opt = ldm.configure_optimizers()["optimizer"]
     batch = {"latent": torch.randn(64, 8, 8, 8).abs(), "caption": ["a photo of a bag"] * 64,
@@ -108,6 +110,7 @@ def main() -> None:
                         ("latent cache", [f"+data.prepare.limits.train={args.cache_limit}"])):
         task = "bench_ldm_" + ("online" if "online" in name else "cache")
         cfg = compose(["experiment=ldm_f8", f"task_name={task}", f"trainer.max_steps={args.steps}",
+                       f"model.first_stage={first_stage}",
                        "trainer.max_time=null", f"paths.output_dir={ROOT}/logs/{task}", *extra])
         train(cfg)
         meta = OmegaConf.load(ROOT / "exports" / task / "config.yaml").metadata

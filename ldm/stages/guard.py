@@ -28,7 +28,9 @@ class NonFiniteGuard:
 
     def check(self, module: L.LightningModule, parts: dict[str, torch.Tensor], step: int) -> bool:
         """True when every part is finite on every rank; else counts, warns, maybe raises, and returns False."""
-        bad = [name for name, value in parts.items() if not bool(torch.isfinite(value.detach()).all())]
+        # One host read for all parts (each read is a device sync on a GPU).
+        finite = torch.stack([torch.isfinite(value.detach()).all() for value in parts.values()]).tolist()
+        bad = [name for name, ok in zip(parts, finite, strict=True) if not ok]
         ok = not bad
         trainer = module._trainer
         if trainer is not None and trainer.world_size > 1:

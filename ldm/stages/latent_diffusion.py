@@ -131,8 +131,12 @@ class LatentDiffusionStage(L.LightningModule):
         z0 = self.latents(batch)
         b = z0.shape[0]
         cond = self.conditioner(batch)
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(self.device)
-        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        if generator is None:  # drawn on the device: no host round trip inside the training step
+            t = torch.randint(0, self.schedule.num_timesteps, (b,), device=z0.device)
+            noise = torch.randn_like(z0)
+        else:  # a seeded CPU generator (validation): the same draws on every device type
+            t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(z0.device)
+            noise = torch.randn(z0.shape, generator=generator).to(z0.device)
         x_t = self.schedule.q_sample(z0, t, noise)
         out = self.unet(x_t, t, context=cond["context"], y=cond["y"])
         alpha, sigma = self.schedule.alpha_sigma(t, z0)
@@ -157,7 +161,11 @@ class LatentDiffusionStage(L.LightningModule):
             self.log("train/nonfinite_skipped", float(self.guard.skipped), batch_size=len(t))
             return None  # Lightning skips backward and the optimiser step
         self.log("train/loss", loss, prog_bar=True, batch_size=len(t))
-        self._log_buckets("train", per_sample.detach(), t)
+        # Per-timestep-bucket losses need host reads (which buckets are non-empty): only on the steps the
+        # logger records, not every step.
+        trainer = self._trainer
+        if trainer is None or self.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._log_buckets("train", per_sample.detach(), t)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
