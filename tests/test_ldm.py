@@ -160,3 +160,36 @@ def test_latent_cache_is_reused_and_rebuilt_for_another_first_stage(make_ldm_cfg
     prepare_latent_cache(export_dir / "ae_f4", splits, out, num_workers=0)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["embed_dim"] == 3 and manifest["first_stage_sha256"] == weights_fingerprint(export_dir / "ae_f4")
+
+
+def test_ema_averages_trained_weights_with_warmup_and_leaves_frozen_ones():
+    from ldm.callbacks.ema import EMAModel, ema_decay
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    net[1].requires_grad_(False)
+    net.register_buffer("count", torch.tensor(0))
+    net.register_buffer("mask", torch.tensor([0.0, float("-inf")]))  # buffers follow the model, -inf included
+    ema = EMAModel(net, decay=0.9, warmup=True)
+    expected = frozen_after_copy = None
+    for step in range(4):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+            net[1].weight.add_(10.0)  # a frozen weight that changes anyway is not averaged after the first copy
+            net.count += 1
+            net.mask[0] += 1
+        current = net[0].weight.detach().clone()
+        d = ema_decay(0.9, True, step)
+        expected = current if step == 0 else d * expected + (1 - d) * current
+        frozen_after_copy = net[1].weight.detach().clone() if step == 0 else frozen_after_copy
+        ema.update_parameters(net)
+        torch.testing.assert_close(ema.module[0].weight, expected)
+        torch.testing.assert_close(ema.module[1].weight, frozen_after_copy)
+        assert int(ema.module.count) == step + 1 and int(ema.n_averaged) == step + 1
+        assert ema.module.mask.tolist() == [step + 1, float("-inf")]
+    assert [ema_decay(0.9, True, n) for n in (0, 1, 100)] == [0.1, 2 / 11, 0.9]
+    # After a restore the update count is read back from the state.
+    restored = EMAModel(net, decay=0.9, warmup=True)
+    restored.load_state_dict(ema.state_dict())
+    restored.update_parameters(net)
+    assert int(restored.n_averaged) == 5

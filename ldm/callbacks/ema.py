@@ -6,32 +6,80 @@ Lightning swaps the averaged weights in for validation, stores them as the check
 
 from __future__ import annotations
 
-from functools import partial
+from collections import defaultdict
 
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim.swa_utils import AveragedModel
 
 
-def ema_update(decay: float, warmup: bool, averaged: torch.Tensor, current: torch.Tensor,
-               num_averaged: torch.Tensor) -> torch.Tensor:
-    """averaged <- d averaged + (1 - d) current, d = min(decay, (1 + n)/(10 + n)) with warm-up.
+def ema_decay(decay: float, warmup: bool, num_averaged: int) -> float:
+    """d = min(decay, (1 + n)/(10 + n)) with warm-up, else ``decay``.
 
     The warm-up (as in CompVis' LitEma) lets early averages follow the fast-moving weights
     instead of being dominated by the random initialisation.
     """
-    n = float(num_averaged)
-    d = min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
-    return averaged * d + current * (1.0 - d)
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged)) if warmup else decay
+
+
+class EMAModel(AveragedModel):
+    """``AveragedModel`` whose update is averaged <- d averaged + (1 - d) current for what training changes.
+
+    Only parameters that require grad are averaged, in one ``torch._foreach_lerp_`` per device and dtype;
+    frozen parameters (a frozen text encoder) stay as first copied and buffers follow the model (an
+    attention mask holding -inf would turn into NaN under lerp). The update count is kept on the host,
+    so a step reads nothing back from the device (one read after a restore).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool, device: torch.device | str | None = None):
+        super().__init__(model, device=device, use_buffers=True)
+        self.decay, self.warmup = decay, warmup
+        self._count: int | None = None
+
+    def load_state_dict(self, *args, **kwargs):
+        result = super().load_state_dict(*args, **kwargs)
+        self._count = None  # n_averaged was restored
+        return result
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        pairs = list(zip(self.module.parameters(), model.parameters(), strict=True))
+        buffers = list(zip(self.module.buffers(), model.buffers(), strict=True))
+        if self._count == 0:  # the first update copies everything (weights may have been loaded after setup)
+            for a, c in pairs + buffers:
+                a.copy_(c)
+        else:
+            groups: dict = defaultdict(lambda: ([], []))
+            for a, c in pairs:
+                if c.requires_grad:
+                    averaged, current = groups[(a.device, a.dtype)]
+                    averaged.append(a)
+                    current.append(c.to(a.device))
+            weight = 1.0 - ema_decay(self.decay, self.warmup, self._count)
+            for averaged, current in groups.values():
+                torch._foreach_lerp_(averaged, current, weight)
+            for a, c in buffers:  # buffers are not trained (masks with -inf, counters): they follow the model
+                a.copy_(c)
+        self.n_averaged += 1
+        self._count += 1
 
 
 class EMA(WeightAveraging):
-    """Exponential moving average of every parameter and buffer of the module, updated each step."""
+    """Exponential moving average of the trainable parameters, updated each step."""
 
     def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1,
                  device: str | None = None):
-        super().__init__(device=device, use_buffers=True, avg_fn=partial(ema_update, decay, warmup))
+        super().__init__(device=device, use_buffers=True)
         self.decay = decay
+        self.warmup = warmup
         self.update_every_n_steps = update_every_n_steps
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            pl_module.configure_model()  # our stages build (and optionally compile) there; idempotent
+            self._average_model = EMAModel(pl_module, self.decay, self.warmup, self._device or pl_module.device)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
