@@ -152,3 +152,21 @@ def test_compile_option_compiles_the_network_in_place(make_cfg, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self)))
     train(make_cfg("ae_f8", "model.compile=true", "debug=fdr"))
     assert compiled == [AutoencoderKL]
+
+
+def test_data_workers_default_to_the_cores_the_compute_leaves_free(monkeypatch):
+    from ldm.utils import config
+    from tests.conftest import compose_cfg
+
+    monkeypatch.setattr(config, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert compose_cfg(["trainer.accelerator=cpu"]).data.num_workers == 0  # 2 cores, 2 compute threads
+    assert compose_cfg(["trainer.accelerator=cpu", "data.num_workers=3"]).data.num_workers == 3
+    monkeypatch.setattr(config, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 12)
+    assert config.auto_num_workers("cpu") == 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert config.auto_num_workers("auto") == 1  # 16 cores over 8 GPUs, one per process kept
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert config.auto_num_workers("gpu") == 8 and config.auto_num_workers("cpu") == 4

@@ -25,6 +25,26 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_num_workers(accelerator: str = "auto") -> int:
+    """DataLoader worker processes per device.
+
+    Training on the CPU: the cores that torch's compute threads leave free (none on a 2-core machine with
+    2 threads). A worker sharing a core with the compute threads stalls their thread pool each time it
+    runs: stage 2 on the latent cache went from 135 to 110 images/s with 2 workers on 2 cores.
+    On GPUs: the cores per GPU less one for the main process, between 1 and 8.
+    """
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return min(8, max(1, usable_cpus() // max(1, torch.cuda.device_count()) - 1))
+    return max(0, usable_cpus() - torch.get_num_threads())
+
+
 def class_prompts() -> list[str]:
     """The built-in dataset's ten class captions ("a photo of a t-shirt", ...)."""
     from ldm.data.fashion_mnist import CLASS_NAMES, caption_for
@@ -41,6 +61,7 @@ def module_classes(*paths: str) -> set[type]:
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.precision", auto_precision, replace=True)
+    OmegaConf.register_new_resolver("ldm.num_workers", auto_num_workers, replace=True)
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
     OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
     OmegaConf.register_new_resolver("ldm.class_prompts", class_prompts, replace=True)
