@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, markdown_table, write_result  # noqa: E402
-from train_step import UNET, matmul_ceiling, unet_step  # noqa: E402
+from train_step import UNET, matmul_ceiling, train_step, unet_loss  # noqa: E402
 
 from ldm.interop.diffusers import save_diffusers_folder  # noqa: E402
 from ldm.networks.unet import UNet  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None)
 
         def run(m=model, o=opt, d=is_diffusers):
-            unet_step(m, d, x, t, ctx, o, autocast)
+            train_step(unet_loss, m, d, (x, t, ctx), o, autocast)
             sync()
 
         fns[who] = run

@@ -14,7 +14,9 @@ peak RSS (CPU) or max allocated memory (GPU).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -54,24 +56,25 @@ def conv_ceiling(dtype: torch.dtype, device: str) -> float:
     return flops / median_seconds(run, 1, 5)
 
 
-def unet_step(model, diffusers: bool, x, t, ctx, opt, autocast):
-    with autocast:
-        out = model(x, t, encoder_hidden_states=ctx).sample if diffusers else model(x, t, context=ctx)
-        loss = (out.float() - x).pow(2).mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def unet_loss(model, diffusers: bool, x, t, ctx):
+    out = model(x, t, encoder_hidden_states=ctx).sample if diffusers else model(x, t, context=ctx)
+    return (out.float() - x).pow(2).mean()
 
 
-def vae_step(model, diffusers: bool, x, opt, autocast):
+def vae_loss(model, diffusers: bool, x):
+    if diffusers:
+        post = model.encode(x).latent_dist
+        rec = model.decode(post.sample()).sample
+    else:
+        post = model.encode(x)
+        rec = model.decode(post.sample())
+    return (rec.float() - x).abs().mean() + 1e-6 * post.kl().float().mean()
+
+
+def train_step(loss_fn, model, diffusers: bool, inputs, opt, autocast):
+    """Forward (``loss_fn``, possibly compiled) + backward + optimiser step."""
     with autocast:
-        if diffusers:
-            post = model.encode(x).latent_dist
-            rec = model.decode(post.sample()).sample
-        else:
-            post = model.encode(x)
-            rec = model.decode(post.sample())
-        loss = (rec.float() - x).abs().mean() + 1e-6 * post.kl().float().mean()
+        loss = loss_fn(model, diffusers, *inputs)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -81,7 +84,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=9, help="timed rounds (each times every candidate once)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd copies of both implementations (model.compile=true); "
+                             "compilation takes minutes on a CPU")
     args = parser.parse_args()
+    if args.compile:  # compile times as a user's first run sees them, not from an earlier run's cache
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = False
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers import UNet2DConditionModel
 
@@ -104,29 +114,41 @@ def main() -> None:
     rows = []
     for precision in precisions:
         autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext())
-        for name, ours, theirs, step, inputs, per in (
-            ("U-Net", ours_unet, theirs_unet, unet_step, (x, t, ctx), 32),
-            ("autoencoder", ours_vae, theirs_vae, vae_step, (img,), 16),
+        for name, ours, theirs, loss_fn, inputs, per in (
+            ("U-Net", ours_unet, theirs_unet, unet_loss, (x, t, ctx), 32),
+            ("autoencoder", ours_vae, theirs_vae, vae_loss, (img,), 16),
         ):
             # Ours as the framework trains it (fused AdamW, configs/model/*.yaml); diffusers as its training
             # scripts do (torch.optim.AdamW defaults), and with the same fused AdamW to isolate the network.
             candidates = {"ours": (ours, False, True), "diffusers": (theirs, True, False),
                           "diffusers+fused": (theirs, True, True)}
-            fns = {}
+            if args.compile:  # compiled copies (own weights and optimiser state), both with fused AdamW
+                candidates |= {"ours+compile": (copy.deepcopy(ours), False, True),
+                               "diffusers+compile": (copy.deepcopy(theirs), True, True)}
+            fns, compile_seconds = {}, {}
             for who, (model, is_diffusers, fused) in candidates.items():
                 model.to(device).train()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None)
+                # Compiling the forward + loss (not the module) covers the autoencoder's encode/decode too.
+                fn = torch.compile(loss_fn) if who.endswith("+compile") else loss_fn
 
-                def run(m=model, o=opt, d=is_diffusers, f=step, i=inputs, ac=autocast):
-                    f(m, d, *i, o, ac)
+                def run(m=model, o=opt, d=is_diffusers, f=fn, i=inputs, ac=autocast):
+                    train_step(f, m, d, i, o, ac)
                     sync()
 
+                if who.endswith("+compile"):  # the first two steps compile forward and backward
+                    start = time.perf_counter()
+                    run()
+                    run()
+                    compile_seconds[who] = time.perf_counter() - start
+                    print(f"{name} {who}: compiled in {compile_seconds[who]:.0f} s", flush=True)
                 fns[who] = run
             times = interleaved_medians(fns, 2, args.iters)
             flops = {}
             for who, model in (("ours", ours), ("diffusers", theirs)):
                 with FlopCounterMode(display=False) as counter:
-                    step(model, who == "diffusers", *inputs, torch.optim.AdamW(model.parameters(), lr=0), autocast)
+                    train_step(loss_fn, model, who == "diffusers", inputs, torch.optim.AdamW(model.parameters(), lr=0),
+                               autocast)
                 flops[who] = counter.get_total_flops()
             rows.append({"model": name, "precision": precision, "batch": per,
                          "params (M)": f"{sum(p.numel() for p in ours.parameters()) / 1e6:.2f}",
@@ -138,6 +160,13 @@ def main() -> None:
                          "ours img/s": f"{per / times['ours']:.1f}",
                          "GFLOP/step ours / nominal": f"{flops['ours'] / 1e9:.1f} / {flops['diffusers'] / 1e9:.1f}",
                          "nominal GFLOP/s": f"{flops['diffusers'] / times['ours'] / 1e9:.0f}"})
+            if args.compile:
+                rows[-1] |= {"ours compiled (ms)": f"{1000 * times['ours+compile']:.0f}",
+                             "diffusers compiled (ms)": f"{1000 * times['diffusers+compile']:.0f}",
+                             "speed-up compiled vs diffusers": f"{times['diffusers'] / times['ours+compile']:.2f}x",
+                             "speed-up, both compiled": f"{times['diffusers+compile'] / times['ours+compile']:.2f}x",
+                             "compile s ours / diffusers": f"{compile_seconds['ours+compile']:.0f} / "
+                                                           f"{compile_seconds['diffusers+compile']:.0f}"}
             print(rows[-1], flush=True)
     dtypes = {p: torch.bfloat16 if p == "bf16-mixed" else torch.float32 for p in precisions}
     ceilings = {p: (matmul_ceiling(d, device) / 1e9, conv_ceiling(d, device) / 1e9) for p, d in dtypes.items()}
@@ -151,6 +180,9 @@ def main() -> None:
             "is given as nominal FLOPs (diffusers' count for the identical architecture) per second of our step. "
             + ("bf16-mixed not run: bf16 is not native on this CPU (it would time an emulation). "
                if "bf16-mixed" not in precisions else "")
+            + ("'compiled' = torch.compile (default mode, Inductor) of a copy with its own weights and fused AdamW, "
+               "timed in the same alternation after its two compiling steps; 'speed-up compiled vs diffusers' is "
+               "against diffusers as its training scripts run it (eager, default AdamW). " if args.compile else "")
             + "Ceilings here: " + ", ".join(f"{p} matmul (2048^3) {m:.0f} GFLOP/s, 3x3 conv fwd+bwd {c:.0f} GFLOP/s"
                                             for p, (m, c) in ceilings.items())
             + f". Memory: {memory}.\n\n" + markdown_table(rows, list(rows[0])))
