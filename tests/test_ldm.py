@@ -193,3 +193,15 @@ def test_ema_averages_trained_weights_with_warmup_and_leaves_frozen_ones():
     restored.load_state_dict(ema.state_dict())
     restored.update_parameters(net)
     assert int(restored.n_averaged) == 5
+
+
+def test_timestep_bucket_losses_are_logged_with_the_step_they_belong_to(make_ldm_cfg):
+    import csv
+
+    cfg = make_ldm_cfg("ldm_f8", "trainer.max_steps=4", "trainer.log_every_n_steps=2", "data.batch_size=1",
+                       "data.samples_per_epoch=8")
+    train(cfg)
+    rows = [r for r in csv.DictReader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    for row in rows:  # batch of one: the bucket its timestep fell in holds this step's loss
+        assert row["train/loss"] in {v for k, v in row.items() if k.startswith("train/loss_t")}

@@ -162,9 +162,10 @@ class LatentDiffusionStage(L.LightningModule):
             return None  # Lightning skips backward and the optimiser step
         self.log("train/loss", loss, prog_bar=True, batch_size=len(t))
         # Per-timestep-bucket losses need host reads (which buckets are non-empty): only on the steps the
-        # logger records, not every step.
+        # logger records (Lightning writes when the count of stepped batches + 1 is a multiple of
+        # log_every_n_steps; this stage steps one optimiser per batch), not every step.
         trainer = self._trainer
-        if trainer is None or self.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if trainer is None or (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
             self._log_buckets("train", per_sample.detach(), t)
         return loss
 
