@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ldm.networks.attention import SpatialTransformer
+from ldm.networks.sdpa import EXPLICIT_MAX_SCORES, attention
 from ldm.networks.unet import UNet, timestep_embedding
 
 
@@ -74,3 +75,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_head_settings_are_validated():
     with pytest.raises(ValueError, match="exactly one of num_heads and num_head_channels"):
         _unet(num_heads=4, num_head_channels=8)
+
+
+@pytest.mark.parametrize("n, m", [(16, 77), (64, 64)])
+def test_explicit_half_precision_attention_matches_sdpa(n, m):
+    """The CPU bf16 path (explicit product, fp32 softmax) computes SDPA's attention and gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 2, s, 32, dtype=torch.float64, requires_grad=True) for s in (n, m, m))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    q16, k16, v16 = (a.detach().bfloat16().requires_grad_() for a in (q, k, v))
+    out = attention(q16, k16, v16)
+    grads = torch.autograd.grad(out.float().pow(2).sum(), (q16, k16, v16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.nn.functional.cosine_similarity(g.double().flatten(), r.flatten(), dim=0) > 0.999
+
+
+def test_attention_keeps_the_fused_kernel_for_fp32_and_long_sequences(monkeypatch):
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a: calls.append(a[0].shape) or fused(*a))
+    attention(*(torch.randn(1, 1, 16, 8) for _ in range(3)))  # fp32: fused
+    long = int(EXPLICIT_MAX_SCORES**0.5) + 1
+    attention(*(torch.randn(1, 1, long, 8, dtype=torch.bfloat16) for _ in range(3)))  # too long: fused
+    attention(*(torch.randn(1, 1, 16, 8, dtype=torch.bfloat16) for _ in range(3)))  # short bf16: explicit
+    assert [s[-2] for s in calls] == [16, long]

@@ -1,7 +1,8 @@
 """Transformer blocks over feature maps: self-attention, cross-attention to a context, GEGLU feed-forward.
 
 Names follow the CompVis/Stable Diffusion layout (``transformer_blocks.{i}.attn1.to_q`` ...) so that
-foreign checkpoints map onto it. Attention runs on ``F.scaled_dot_product_attention``.
+foreign checkpoints map onto it. Attention runs on ``ldm.networks.sdpa.attention`` (SDPA or, for short
+half-precision sequences on a CPU, the faster explicit product).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.networks.autoencoder import group_norm
+from ldm.networks.sdpa import attention
 
 
 class CrossAttention(nn.Module):
@@ -37,7 +39,7 @@ class CrossAttention(nn.Module):
             q = self.to_q(x)
             k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, -1)
         q, k, v = (a.view(b, -1, self.heads, a.shape[-1] // self.heads).transpose(1, 2) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

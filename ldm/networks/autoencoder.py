@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.networks.resample import upsample_conv3x3
+from ldm.networks.sdpa import attention
 
 
 def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
@@ -48,7 +49,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention over all positions (1x1 conv projections, SDPA kernel)."""
+    """Single-head spatial self-attention over all positions (1x1 conv projections, ldm.networks.sdpa)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -63,7 +64,7 @@ class AttnBlock(nn.Module):
         hn = self.norm(x)
         # (B, 1, HW, C): one head whose width is the full channel count.
         q, k, v = (p(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
