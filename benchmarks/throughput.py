@@ -1,6 +1,7 @@
 """Input pipeline and end-to-end stage-2 throughput.
 
-    python benchmarks/throughput.py
+    python benchmarks/throughput.py                       # at the configs' precision for this machine
+    python benchmarks/throughput.py --precision 32-true   # -> benchmarks/results/throughput_<precision>.md
 
 1. Data loading: images/s decoded + resized + scaled (webdataset PNG shards, batch 16, 64 px) with 0, 1
    and 2 workers, and latent-cache records/s (batch 64), against what the training steps consume
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating online/cached run pairs")
     parser.add_argument("--cache-limit", type=int, default=20000, help="training records in the latent cache")
     parser.add_argument("--first-stage", default="exports/ae_f8", help="the frozen first stage of stage 2")
+    parser.add_argument("--precision", default=None,
+                        help="trainer.precision of every run and step (default: the configs' choice for this machine)")
     args = parser.parse_args()
     from ldm.data.loaders import ShardData
     from ldm.training import build, train
@@ -73,6 +76,9 @@ def main() -> None:
     instantiate(compose(["experiment=ae_f8"]).data).prepare_data()
     instantiate(compose(["experiment=ldm_f8", f"model.first_stage={first_stage}",
                          f"+data.prepare.limits.train={args.cache_limit}"]).data).prepare_data()
+    precision = args.precision or compose(["experiment=ldm_f8", "trainer.accelerator=cpu"]).trainer.precision
+    # The consumers below run at the precision the trainer would use.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=str(precision).startswith("bf16"))
     rows = []
     for workers in (0, 1, 2):
         data = ShardData(train_shards=str(images / "train"), resolution=64, batch_size=16, num_workers=workers)
@@ -92,8 +98,9 @@ def main() -> None:
     x = torch.rand(16, 3, 64, 64) * 2 - 1
 
     def ae_step():
-        xrec, post = stage.autoencoder(x)
-        loss, _ = stage.loss.generator_loss(x, xrec, post, 0)
+        with autocast:
+            xrec, post = stage.autoencoder(x)
+            loss, _ = stage.loss.generator_loss(x, xrec, post, 0)
         loss.backward()
         opt_ae.step()
         opt_ae.zero_grad(set_to_none=True)
@@ -106,7 +113,9 @@ def main() -> None:
              "class_label": torch.zeros(64, dtype=torch.long)}
 
     def ldm_step():
-        ldm.loss(batch)[0].mean().backward()
+        with autocast:
+            loss = ldm.loss(batch)[0].mean()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -124,7 +133,8 @@ def main() -> None:
             task = "bench_ldm_" + ("online" if "online" in name else "cache")
             cfg = compose(["experiment=ldm_f8", f"task_name={task}", f"trainer.max_steps={args.steps}",
                            f"model.first_stage={first_stage}",
-                           "trainer.max_time=null", f"paths.output_dir={ROOT}/logs/{task}", *extra])
+                           "trainer.max_time=null", f"trainer.precision={precision}",
+                           f"paths.output_dir={ROOT}/logs/{task}", *extra])
             train(cfg)
             meta = OmegaConf.load(ROOT / "exports" / task / "config.yaml").metadata
             pair.append(meta.fit_images / meta.fit_seconds)
@@ -143,7 +153,8 @@ def main() -> None:
                 "images/s end to end)", "margin": f"{rate['PNG', 2] / online_rate:.1f}x"},
                {"loader (2 workers)": "latent cache", "consumer": ldm_name,
                 "margin": f"{rate['latent', 2] / ldm_rate:.1f}x"}]
-    body = ("Data loading (first batch excluded: worker start-up and shuffle buffer):\n\n"
+    body = (f"Training steps and stage-2 runs at precision {precision}.\n\n"
+            "Data loading (first batch excluded: worker start-up and shuffle buffer):\n\n"
             + markdown_table(rows, list(rows[0])) + "\n\nWhat the training steps consume (forward + backward + "
             "optimiser, no data loading):\n\n" + markdown_table(consumption, list(consumption[0]))
             + f"\n\nStage 2 end to end (Lightning loop, ldm_f8, batch 64, {args.steps} steps per run, the two inputs "
@@ -152,7 +163,7 @@ def main() -> None:
             + f"\n\nLatent cache vs online encoding: {speedup:.2f}x (median over rounds; per round "
             + ", ".join(f"{r:.2f}x" for r in ratios) + ").\n\nData loading with 2 workers vs what its "
             "consumer takes (target >= 3x):\n\n" + markdown_table(margins, list(margins[0])))
-    path = write_result("throughput", "Input pipeline and stage-2 throughput", body)
+    path = write_result(f"throughput_{precision}", "Input pipeline and stage-2 throughput", body)
     print(body, f"\nwritten to {path}", sep="\n")
 
 

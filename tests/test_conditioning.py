@@ -111,3 +111,25 @@ def test_frozen_text_features_are_computed_once_per_caption(monkeypatch):
     assert calls == [["a photo of a bag", "a photo of a coat"], [""]]  # each distinct caption encoded once
     trainable = OpenCLIPTextEmbedder(TINY_TEXT, layer="last", frozen=False)
     assert trainable(caps).requires_grad  # trainable towers are never cached
+
+
+def test_trainable_tower_encodes_repeated_captions_once_with_the_same_gradients(monkeypatch):
+    torch.manual_seed(0)
+    text = OpenCLIPTextEmbedder(TINY_TEXT, layer="last", frozen=False).train()
+    caps = ["a photo of a bag", "a photo of a coat", "a photo of a bag", "", "a photo of a coat"]
+    weight = torch.randn(len(caps), text.context_length, text.embed_dim)
+    expected = text.encode(caps)
+    expected_grads = torch.autograd.grad((expected * weight).sum(), list(text.parameters()))
+    calls = []
+    original = text.encode
+    monkeypatch.setattr(text, "encode", lambda c: calls.append(list(c)) or original(c))
+    out = text(caps)
+    grads = torch.autograd.grad((out * weight).sum(), list(text.parameters()))
+    assert calls == [["a photo of a bag", "a photo of a coat", ""]]
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3)  # summation order differs
+    text.text.transformer.resblocks[0].attn.dropout = 0.1  # a stochastic tower runs every caption
+    calls.clear()
+    text(caps)
+    assert calls == [caps]

@@ -128,10 +128,17 @@ class OpenCLIPTextEmbedder(nn.Module):
 
     def forward(self, captions: list[str]) -> torch.Tensor:
         """(B, context_length, width). A frozen tower's output depends on the caption alone, so each
-        distinct caption is encoded once and kept (up to ``CACHE_LIMIT`` captions)."""
+        distinct caption is encoded once and kept (up to ``CACHE_LIMIT`` captions). A trainable tower
+        without dropout encodes each distinct caption of the batch once: the same features, and the
+        same gradients (indexing sums them over the repeats)."""
         captions = list(captions)
         if not self.frozen:
-            return self.encode(captions)
+            unique = list(dict.fromkeys(captions))
+            if len(unique) == len(captions) or self._stochastic():
+                return self.encode(captions)
+            position = {c: i for i, c in enumerate(unique)}
+            features = self.encode(unique)
+            return features[torch.tensor([position[c] for c in captions], device=features.device)]
         device = self.text.token_embedding.weight.device
         missing = [c for c in dict.fromkeys(captions) if c not in self._features]
         if missing:
@@ -142,6 +149,12 @@ class OpenCLIPTextEmbedder(nn.Module):
             else:
                 return self.encode(captions)
         return torch.stack([self._features[c] for c in captions]).to(device)
+
+    def _stochastic(self) -> bool:
+        """Whether a training forward draws randomness (dropout), so repeated captions must run separately."""
+        return self.training and any(
+            (isinstance(m, nn.Dropout) and m.p > 0) or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+            for m in self.text.modules())
 
     def _apply(self, fn, recurse: bool = True):
         self._features.clear()  # moved or cast: recompute on the new device / dtype
