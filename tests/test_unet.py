@@ -78,7 +78,7 @@ def test_head_settings_are_validated():
 
 
 @pytest.mark.parametrize("n, m", [(16, 77), (64, 64)])
-def test_explicit_half_precision_attention_matches_sdpa(n, m):
+def test_explicit_bf16_attention_matches_sdpa(n, m):
     """The CPU bf16 path (explicit product, fp32 softmax) computes SDPA's attention and gradients."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, 2, s, 32, dtype=torch.float64, requires_grad=True) for s in (n, m, m))

@@ -2,7 +2,7 @@
 
 Names follow the CompVis/Stable Diffusion layout (``transformer_blocks.{i}.attn1.to_q`` ...) so that
 foreign checkpoints map onto it. Attention runs on ``ldm.networks.sdpa.attention`` (SDPA or, for short
-half-precision sequences on a CPU, the faster explicit product).
+bf16 sequences on a CPU, the faster explicit product).
 """
 
 from __future__ import annotations
