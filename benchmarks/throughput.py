@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating online/cached run pairs")
     parser.add_argument("--cache-limit", type=int, default=20000, help="training records in the latent cache")
     parser.add_argument("--first-stage", default="exports/ae_f8", help="the frozen first stage of stage 2")
-    parser.add_argument("--precision", default=None,
+    parser.add_argument("--precision", default=None, choices=["32-true", "bf16-mixed"],
                         help="trainer.precision of every run and step (default: the configs' choice for this machine)")
     args = parser.parse_args()
     from ldm.data.loaders import ShardData

@@ -3,6 +3,7 @@
 import gzip
 import io
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,6 @@ def test_shard_round_trip_is_exact(tmp_path):
     shards = write_shards(samples, tmp_path, "val", samples_per_shard=4)
     assert [p.name for p in shards] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
     assert not list(tmp_path.glob("*.tmp"))
-    import tarfile
-
     with tarfile.open(shards[0]) as tar:  # one plain header per member: no pax headers (they slow reading)
         assert all(not m.pax_headers and isinstance(m.mtime, int) for m in tar.getmembers())
     dm = ShardData(train_shards=str(tmp_path), val_shards=str(tmp_path), resolution=16, val_batch_size=3,

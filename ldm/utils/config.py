@@ -26,6 +26,7 @@ def auto_precision(accelerator: str = "auto") -> str:
 
 
 def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under a scheduler's allocation)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
