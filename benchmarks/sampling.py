@@ -25,6 +25,7 @@ from common import markdown_table, write_result  # noqa: E402
 from ldm.data.fashion_mnist import caption_for  # noqa: E402
 from ldm.diffusion.guidance import cfg  # noqa: E402
 from ldm.evaluation.cli import add_judge_args, judge_from_args  # noqa: E402
+from ldm.networks.attention import reuse_context_projections  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 
 
@@ -37,8 +38,9 @@ def diffusers_sample(pipe: LatentDiffusionPipeline, scheduler, prompts: list[str
                      for i in range(len(prompts))])
     cond = pipe.conditioner({"caption": prompts})
     denoise = cfg(pipe.model_fn, cond, pipe.conditioner.uncond(len(prompts)), scale)
-    for t in scheduler.timesteps:
-        x = scheduler.step(denoise(x, torch.full((len(x),), int(t))), t, x).prev_sample
+    with reuse_context_projections(pipe.unet):  # as our pipeline runs the U-Net: only the schedulers differ
+        for t in scheduler.timesteps:
+            x = scheduler.step(denoise(x, torch.full((len(x),), int(t))), t, x).prev_sample
     return pipe.decode(x)
 
 

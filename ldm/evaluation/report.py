@@ -11,7 +11,7 @@ import torch
 
 
 def machine() -> str:
-    """One line describing where a number was measured: CPU, cores, torch, GPU."""
+    """One line describing where a number was measured: CPU and its vector ISA, cores, torch, GPU."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -21,6 +21,8 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    # Same model name, different speed: the ISA PyTorch's CPU kernels run with (AVX2, AVX512, ...) tells them apart.
+    cpu += f" ({torch.backends.cpu.get_cpu_capability()})"
     return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), {gpu}")
 
