@@ -1,31 +1,31 @@
 """Sampling: wall time for 64 images and quality vs steps, our samplers vs diffusers' schedulers.
 
     python benchmarks/sampling.py --model exports/ldm_f8
+    python benchmarks/sampling.py --model exports/ldm_f8 --speed-only   # -> sampling_speed.md
 
 Wall time: 64 images (the ten class prompts cycled), cfg 4, our DDIM 50 and DPM-Solver++(2M) 20
 vs diffusers' DDIMScheduler 50 and DPMSolverMultistepScheduler 20 stepping the same guided U-Net
-(decoding included). Quality vs steps: --num-samples samples for the conditions of that many test
-images, FID in the offline classifier's feature space and class accuracy, for DDIM and DPM++ at
---quality-steps; shows where each converges. DDIM at the most steps and DPM++ at --fast-steps run with a
-second seed too: the seed-to-seed spread is the noise their gap is judged against.
+(decoding included); medians of --rounds runs timed in alternation. Quality vs steps:
+--num-samples samples for the conditions of that many test images, FID in the offline classifier's
+feature space and class accuracy, for DDIM and DPM++ at --quality-steps; shows where each converges.
+DDIM at the most steps and DPM++ at --fast-steps run with a second seed too: the seed-to-seed spread
+is the noise their gap is judged against.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_result  # noqa: E402
+from common import interleaved_medians, markdown_table, write_result  # noqa: E402
 
 from ldm.data.fashion_mnist import caption_for  # noqa: E402
 from ldm.diffusion.guidance import cfg  # noqa: E402
 from ldm.evaluation.cli import add_judge_args, judge_from_args  # noqa: E402
-from ldm.networks.attention import reuse_context_projections  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 
 
@@ -38,9 +38,8 @@ def diffusers_sample(pipe: LatentDiffusionPipeline, scheduler, prompts: list[str
                      for i in range(len(prompts))])
     cond = pipe.conditioner({"caption": prompts})
     denoise = cfg(pipe.model_fn, cond, pipe.conditioner.uncond(len(prompts)), scale)
-    with reuse_context_projections(pipe.unet):  # as our pipeline runs the U-Net: only the schedulers differ
-        for t in scheduler.timesteps:
-            x = scheduler.step(denoise(x, torch.full((len(x),), int(t))), t, x).prev_sample
+    for t in scheduler.timesteps:
+        x = scheduler.step(denoise(x, torch.full((len(x),), int(t))), t, x).prev_sample
     return pipe.decode(x)
 
 
@@ -49,6 +48,9 @@ def main() -> None:
     parser.add_argument("--model", default="exports/ldm_f8")
     parser.add_argument("--quality-steps", type=int, nargs="+", default=[10, 20, 50, 100])
     parser.add_argument("--fast-steps", type=int, default=20, help="DPM-Solver++ steps compared with DDIM at the most")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each sampler (median reported)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="wall times only (no quality sweep, no classifier needed); writes sampling_speed.md")
     add_judge_args(parser)
     parser.set_defaults(num_samples=500)
     args = parser.parse_args()
@@ -69,21 +71,29 @@ def main() -> None:
         "diffusers DPMSolverMultistep 20": lambda: diffusers_sample(
             pipe, DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common), prompts, 20, 0),
     }
-    rows, outputs = [], {}
+    outputs = {}
+
+    def keeping_output(name, fn):
+        return lambda: outputs.__setitem__(name, fn())
+
     with torch.no_grad():
-        for name, fn in runs.items():
-            fn()  # warm-up
-            start = time.perf_counter()
-            outputs[name] = fn()
-            sec = time.perf_counter() - start
-            rows.append({"sampler": name, "64 images (s)": f"{sec:.2f}", "images/s": f"{64 / sec:.1f}"})
-            print(rows[-1], flush=True)
+        seconds = interleaved_medians({name: keeping_output(name, fn) for name, fn in runs.items()}, 1, args.rounds)
+    rows = [{"sampler": name, "64 images (s)": f"{sec:.2f}", "images/s": f"{64 / sec:.1f}"}
+            for name, sec in seconds.items()]
+    print(*rows, sep="\n", flush=True)
     for ours, theirs in (("ours DDIM 50", "diffusers DDIMScheduler 50"),
                          ("ours DPM-Solver++(2M) 20", "diffusers DPMSolverMultistep 20")):
         diff = (outputs[ours] - outputs[theirs]).abs().max().item()
         for r in rows:
             if r["sampler"] in (ours, theirs):
                 r["max |ours - diffusers| (pixels, [-1, 1])"] = f"{diff:.1e}"
+    speed = (f"Model {args.model}. Wall time: 64 images incl. decoding, cfg 4, batch 64; median of {args.rounds} "
+             "runs per sampler after one warm-up, the samplers timed in alternation.\n\n"
+             + markdown_table(rows, list(rows[0])))
+    if args.speed_only:
+        path = write_result("sampling_speed", "Sampling speed", speed)
+        print(speed, f"\nwritten to {path}", sep="\n")
+        return
 
     judge = judge_from_args(args)
     quality, scores = [], {}
@@ -120,12 +130,10 @@ def main() -> None:
                f"gap {100 * acc_gap:.1f} points vs 2 standard errors {200 * acc_se:.1f} -> "
                + ("within noise." if within else "NOT within noise."))
     print(verdict, flush=True)
-    body = (f"Model {args.model}. Wall time: 64 images incl. decoding, cfg 4, batch 64, after one warm-up run.\n\n"
-            + markdown_table(rows, list(rows[0]))
-            + f"\n\nQuality vs steps: {args.num_samples} samples for the conditions of the first {args.num_samples} "
-            f"test images, cfg 4; FID against those images in the Fashion-MNIST classifier's feature space; class "
-            "accuracy ± its binomial standard error.\n\n" + markdown_table(quality, list(quality[0]))
-            + f"\n\n{verdict}")
+    body = (speed + f"\n\nQuality vs steps: {args.num_samples} samples for the conditions of the first "
+            f"{args.num_samples} test images, cfg 4; FID against those images in the Fashion-MNIST classifier's "
+            "feature space; class accuracy ± its binomial standard error.\n\n"
+            + markdown_table(quality, list(quality[0])) + f"\n\n{verdict}")
     path = write_result("sampling", "Sampling: speed and quality vs steps", body)
     print(body, f"\nwritten to {path}", sep="\n")
 

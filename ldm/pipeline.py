@@ -28,7 +28,6 @@ from ldm.diffusion.guidance import cfg
 from ldm.diffusion.objectives import check_prediction, to_eps
 from ldm.diffusion.samplers import get_sampler, make_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.networks.attention import reuse_context_projections
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 
@@ -270,9 +269,8 @@ class LatentDiffusionPipeline:
                         return latent_mask * x_s + (1 - latent_mask) * ref
 
                 kwargs = {"eta": eta} if sampler == "ddim" else {}
-                with reuse_context_projections(self.unet):  # the condition is fixed over the steps
-                    z = sample_fn(denoise, x, self.schedule, steps, timesteps=timesteps, generator=gen,
-                                  callback=lambda *_: bar.advance(task), after_step=after_step, **kwargs)
+                z = sample_fn(denoise, x, self.schedule, steps, timesteps=timesteps, generator=gen,
+                              callback=lambda *_: bar.advance(task), after_step=after_step, **kwargs)
                 images = self.decode(z)
                 if pixel_mask is not None:
                     images = pixel_mask * images + (1 - pixel_mask) * pixel_init

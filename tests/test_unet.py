@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ldm.networks.attention import CrossAttention, SpatialTransformer, reuse_context_projections
+from ldm.networks.attention import SpatialTransformer
 from ldm.networks.sdpa import EXPLICIT_MAX_SCORES, attention
 from ldm.networks.unet import UNet, timestep_embedding
 
@@ -103,62 +103,3 @@ def test_attention_keeps_the_fused_kernel_for_fp32_and_long_sequences(monkeypatc
     attention(*(torch.randn(1, 1, long, 8, dtype=torch.bfloat16) for _ in range(3)))  # too long: fused
     attention(*(torch.randn(1, 1, 16, 8, dtype=torch.bfloat16) for _ in range(3)))  # short bf16: explicit
     assert [s[-2] for s in calls] == [16, long]
-
-
-def _randomised_unet() -> UNet:
-    torch.manual_seed(0)
-    net = _unet().eval()
-    with torch.no_grad():  # the zero-initialised output layers would hide any difference
-        for p in net.parameters():
-            p.normal_(0, 0.2)
-    return net
-
-
-def test_reused_context_projections_give_the_same_output_and_project_once(monkeypatch):
-    net = _randomised_unet()
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 12)
-    calls = []
-    original = CrossAttention.project_context
-    monkeypatch.setattr(CrossAttention, "project_context", lambda self, c: calls.append(c) or original(self, c))
-    with torch.no_grad():
-        expected = [net(x * s, t, context=ctx) for s in (1.0, 0.5, 0.25)]
-        plain_calls = len(calls)
-        calls.clear()
-        with reuse_context_projections(net):
-            got = [net(x * s, t, context=ctx) for s in (1.0, 0.5, 0.25)]
-    layers = sum(isinstance(m, CrossAttention) and m.to_k.in_features == 12 for m in net.modules())
-    assert plain_calls == 3 * layers and len(calls) == layers  # each layer projected the context once
-    for a, b in zip(expected, got, strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
-    assert all(m._context_kv is None and not m.reuse_context for m in net.modules() if isinstance(m, CrossAttention))
-
-
-def test_reused_context_projections_follow_a_new_context_changed_weights_and_autograd():
-    net = _randomised_unet()
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 12)
-    with reuse_context_projections(net):
-        with torch.no_grad():
-            net(x, t, context=ctx)
-            other = torch.randn(2, 5, 12)
-            torch.testing.assert_close(net(x, t, context=other), _plain(net, x, t, other))
-            ctx.mul_(2)  # modified in place: same tensor object, new version
-            torch.testing.assert_close(net(x, t, context=ctx), _plain(net, x, t, ctx))
-            layer = next(m for m in net.modules() if isinstance(m, CrossAttention) and m.to_k.in_features == 12)
-            layer.to_v.weight.add_(1.0)  # an optimiser step between calls
-            torch.testing.assert_close(net(x, t, context=ctx), _plain(net, x, t, ctx))
-        ctx.requires_grad_(True)
-        net(x, t, context=ctx).sum().backward()  # with autograd: recomputed, so gradients reach the context
-    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
-
-
-def _plain(net: UNet, x, t, ctx) -> torch.Tensor:
-    layers = [m for m in net.modules() if isinstance(m, CrossAttention)]
-    saved = [(m.reuse_context, m._context_kv) for m in layers]
-    for m in layers:
-        m.reuse_context = False
-    try:
-        with torch.no_grad():
-            return net(x, t, context=ctx)
-    finally:
-        for m, (flag, kv) in zip(layers, saved, strict=True):
-            m.reuse_context, m._context_kv = flag, kv

@@ -7,9 +7,6 @@ bf16 sequences on a CPU, the faster explicit product).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,24 +28,6 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
-        self.reuse_context = False  # set by reuse_context_projections()
-        self._context_kv: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the context, in one matmul (the weights stay separate parameters)."""
-        return F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, -1)
-
-    def _context_keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.reuse_context or torch.is_grad_enabled():
-            return self.project_context(context)
-        # Valid while the same context tensor, unmodified, meets unmodified weights under the same autocast.
-        state = (context._version, self.to_k.weight._version, self.to_v.weight._version,
-                 torch.is_autocast_enabled(context.device.type))
-        if self._context_kv is not None and self._context_kv[0][0] is context and self._context_kv[0][1:] == state:
-            return self._context_kv[1]
-        kv = self.project_context(context)
-        self._context_kv = ((context, *state), kv)
-        return kv
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
@@ -58,30 +37,10 @@ class CrossAttention(nn.Module):
             q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).chunk(3, -1)
         else:
             q = self.to_q(x)
-            k, v = self._context_keys_values(context)
+            k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, -1)
         q, k, v = (a.view(b, -1, self.heads, a.shape[-1] // self.heads).transpose(1, 2) for a in (q, k, v))
         out = attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
-
-
-@contextmanager
-def reuse_context_projections(module: nn.Module) -> Iterator[None]:
-    """Within the block, the cross-attention layers of ``module`` project each context once.
-
-    A sampler calls the network at every step with the same context (the prompts' embeddings), whose
-    keys and values are then the same at every step; they are computed at the first step and reused
-    while the context tensor, the weights and the autocast state are unchanged. Only without autograd
-    (training always recomputes); the cache is dropped when the block ends.
-    """
-    layers = [m for m in module.modules() if isinstance(m, CrossAttention)]
-    for layer in layers:
-        layer.reuse_context = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.reuse_context = False
-            layer._context_kv = None
 
 
 class GEGLU(nn.Module):
