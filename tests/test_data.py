@@ -173,3 +173,29 @@ def test_folder_to_shards_with_captions(tmp_path):
     (batch,) = list(dm.val_dataloader())
     assert batch["caption"] == ["a red square", ""] and batch["image"].shape == (2, 3, 24, 24)
     assert batch["class_label"].tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("array", [np.random.default_rng(0).standard_normal((8, 4, 4)).astype(np.float16),
+                                   np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+                                   np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+                                   np.float16(2.5)])
+def test_latent_records_decode_as_np_load(array):
+    """The parsed-once .npy header path (and its np.load fallback, e.g. Fortran order) read what np.save wrote."""
+    from ldm.data.decode import decode_latent
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    for _ in range(2):  # the second read reuses the parsed header
+        out = decode_latent(buf.getvalue())
+        assert out.dtype == torch.float32 and out.shape == array.shape
+        np.testing.assert_array_equal(out.numpy(), array.astype(np.float32))
+
+
+def test_truncated_latent_record_is_a_bad_sample():
+    from ldm.data.decode import BadSample, SampleDecoder, SkipCounter
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones((8, 4, 4), np.float16), allow_pickle=False)
+    decoder = SampleDecoder(None, SkipCounter(10), required=(), kind="latent")
+    with pytest.raises(BadSample, match="k1.*undecodable latent.npy"):
+        decoder({"__key__": "k1", "__url__": "s.tar", "latent.npy": buf.getvalue()[:-10]})
