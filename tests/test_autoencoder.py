@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from ldm.networks.autoencoder import AutoencoderKL, DiagonalGaussian
+from ldm.networks.resample import upsample_conv3x3
 
 
 @pytest.mark.parametrize("ch_mult,z,f", [((1, 2, 4), 3, 4), ((1, 2, 4, 4), 4, 8), ((1, 2, 4, 4, 4), 16, 16)])
@@ -62,8 +63,6 @@ def test_seeded_sampling_is_reproducible():
 @pytest.mark.parametrize("shape", [(2, 8, 8, 8), (2, 6, 9, 12), (1, 4, 3, 5)])
 def test_upsample_conv_matches_interpolate_then_conv(shape):
     """The four-phase 2x2 form (and its small-input fallback) is nearest-x2 + 3x3 conv, values and gradients."""
-    from ldm.networks.resample import upsample_conv3x3
-
     torch.manual_seed(0)
     x = torch.randn(*shape, requires_grad=True)
     weight = torch.randn(5, shape[1], 3, 3, requires_grad=True)
@@ -80,8 +79,6 @@ def test_upsample_conv_matches_interpolate_then_conv(shape):
 
 def test_upsample_conv_gradcheck():
     """The hand-written phase interleave's backward is the exact adjoint of its forward (float64)."""
-    from ldm.networks.resample import upsample_conv3x3
-
     torch.manual_seed(0)
     x = torch.randn(1, 2, 8, 9, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)

@@ -12,6 +12,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.decode import BadSample, SampleDecoder, SkipCounter, decode_latent
 from ldm.data.fashion_mnist import CLASS_NAMES, caption_for, prepare, read_idx
 from ldm.data.loaders import ShardData, expand_urls
 from ldm.data.shards import Sample, folder_to_shards, write_shards
@@ -181,8 +182,6 @@ def test_folder_to_shards_with_captions(tmp_path):
                                    np.float16(2.5)])
 def test_latent_records_decode_as_np_load(array):
     """The parsed-once .npy header path (and its np.load fallback, e.g. Fortran order) read what np.save wrote."""
-    from ldm.data.decode import decode_latent
-
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     for _ in range(2):  # the second read reuses the parsed header
@@ -192,8 +191,6 @@ def test_latent_records_decode_as_np_load(array):
 
 
 def test_truncated_latent_record_is_a_bad_sample():
-    from ldm.data.decode import BadSample, SampleDecoder, SkipCounter
-
     buf = io.BytesIO()
     np.save(buf, np.ones((8, 4, 4), np.float16), allow_pickle=False)
     decoder = SampleDecoder(None, SkipCounter(10), required=(), kind="latent")
