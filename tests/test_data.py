@@ -190,9 +190,14 @@ def test_latent_records_decode_as_np_load(array):
         np.testing.assert_array_equal(out.numpy(), array.astype(np.float32))
 
 
-def test_truncated_latent_record_is_a_bad_sample():
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d[:-10], "buffer is smaller"),                                # truncated array
+    (lambda d: d[:10] + b"{not a dict" + d[21:], "Cannot parse header"),     # corrupt header
+    (lambda d: d[:8] + b"\xff\xff" + d[10:], "reading array header"),       # header length past the end
+])
+def test_damaged_latent_record_is_a_bad_sample_naming_its_key(damage, message):
     buf = io.BytesIO()
     np.save(buf, np.ones((8, 4, 4), np.float16), allow_pickle=False)
     decoder = SampleDecoder(None, SkipCounter(10), required=(), kind="latent")
-    with pytest.raises(BadSample, match="k1.*undecodable latent.npy"):
-        decoder({"__key__": "k1", "__url__": "s.tar", "latent.npy": buf.getvalue()[:-10]})
+    with pytest.raises(BadSample, match=f"shard s.tar key k1: undecodable latent.npy .*{message}"):
+        decoder({"__key__": "k1", "__url__": "s.tar", "latent.npy": damage(buf.getvalue())})
