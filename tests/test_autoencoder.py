@@ -77,10 +77,32 @@ def test_upsample_conv_matches_interpolate_then_conv(shape):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
 
 
-def test_upsample_conv_gradcheck():
-    """The hand-written phase interleave's backward is the exact adjoint of its forward (float64)."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_conv_gradcheck(layout):
+    """The hand-written phase interleave's backward is the exact adjoint of its forward (float64), in
+    either memory layout of the input."""
     torch.manual_seed(0)
-    x = torch.randn(1, 2, 8, 9, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    weight = torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(upsample_conv3x3, (x, weight, bias))
+
+
+def test_upsample_conv_keeps_channels_last():
+    """A channels_last input gives a channels_last output (no layout round trip), with the values and
+    gradients of nearest-x2 + 3x3 conv; an upstream gradient in the other layout is read correctly."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(5, 6, 3, 3, requires_grad=True)
+    bias = torch.randn(5, requires_grad=True)
+    out = upsample_conv3x3(x, weight, bias)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    ref = F.conv2d(F.interpolate(x.detach().contiguous(), scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(ref.shape)  # contiguous, while the output is channels_last
+    expected = torch.autograd.grad(F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias,
+                                            padding=1), (x, weight, bias), grad)
+    got = torch.autograd.grad(out, (x, weight, bias), grad)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) or got[0].is_contiguous()
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)

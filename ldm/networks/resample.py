@@ -27,37 +27,55 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("aup,bvq,oipq->aboiuv", taps, taps, weight).reshape(4 * out_ch, in_ch, 2, 2)
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last where ``x`` is laid out so (and not also plain contiguous), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _phase_view(phases: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, 4*O, H+1, W+1) contiguous phase maps seen as (B, O, H, 2, W, 2): [b, o, i, a, j, c] is phase
-    (a, c) at (i+a, j+c). The address is linear in every index, so this is one strided view."""
+    """(B, 4*O, H+1, W+1) phase maps seen as (B, O, H, 2, W, 2): [b, o, i, a, j, c] is phase p = 2a + c,
+    channel p*O + o, at (i+a, j+c). The address is linear in every index, so for any strided layout
+    (contiguous or channels_last) this is one strided view."""
     b, out_ch = phases.shape[0], phases.shape[1] // 4
-    plane = (h + 1) * (w + 1)
-    phase_a, phase_c, row = 2 * out_ch * plane, out_ch * plane, w + 1
-    return phases.as_strided((b, out_ch, h, 2, w, 2),
-                             (phases.stride(0), plane, row, phase_a + row, 1, phase_c + 1))
+    sb, sc, sy, sx = phases.stride()
+    return phases.as_strided((b, out_ch, h, 2, w, 2), (sb, sc, sy, 2 * out_ch * sc + sy, sx, out_ch * sc + sx))
+
+
+def _pixel_view(out: torch.Tensor) -> torch.Tensor:
+    """(B, O, 2H, 2W) seen as (B, O, H, 2, W, 2): [b, o, i, a, j, c] is pixel (2i+a, 2j+c)."""
+    b, out_ch, h2, w2 = out.shape
+    sb, sc, sy, sx = out.stride()
+    return out.as_strided((b, out_ch, h2 // 2, 2, w2 // 2, 2), (sb, sc, 2 * sy, sy, 2 * sx, sx))
 
 
 class _InterleavePhases(torch.autograd.Function):
     """(B, 4*O, H+1, W+1) phase maps -> (B, O, 2H, 2W): output pixel (2i+a, 2j+c) = phase (a, c) at (i+a, j+c).
 
-    One strided copy each way. The same gather written with slices and stacks costs autograd a
-    zero-filled full-size gradient per slice plus their sum: the whole layer (convolution included)
-    ran forward + backward 1.16-1.4x slower that way at the autoencoder's sizes.
+    One strided copy each way, in the memory layout the maps come in (contiguous or channels_last). The
+    same gather written with slices and stacks costs autograd a zero-filled full-size gradient per slice
+    plus their sum: the whole layer (convolution included) ran forward + backward 1.16-1.4x slower that
+    way at the autoencoder's sizes.
     """
 
     @staticmethod
     def forward(ctx, phases: torch.Tensor, h: int, w: int) -> torch.Tensor:
         ctx.size = (h, w)
         b, out_ch = phases.shape[0], phases.shape[1] // 4
-        return _phase_view(phases.contiguous(), h, w).reshape(b, out_ch, 2 * h, 2 * w)
+        out = torch.empty((b, out_ch, 2 * h, 2 * w), dtype=phases.dtype, device=phases.device,
+                          memory_format=_memory_format(phases))
+        _pixel_view(out).copy_(_phase_view(phases, h, w))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         h, w = ctx.size
         b, out_ch = grad.shape[:2]
         # Zeros: the row and column of each phase map that no output pixel reads get no gradient.
-        out = grad.new_zeros(b, 4 * out_ch, h + 1, w + 1)
-        _phase_view(out, h, w).copy_(grad.reshape(b, out_ch, h, 2, w, 2))
+        out = torch.empty((b, 4 * out_ch, h + 1, w + 1), dtype=grad.dtype, device=grad.device,
+                          memory_format=_memory_format(grad)).zero_()
+        _phase_view(out, h, w).copy_(_pixel_view(grad))
         return out, None, None
 
 
