@@ -66,6 +66,11 @@ def main() -> None:
     args = parser.parse_args()
     from ldm.data.loaders import ShardData
     from ldm.training import build, train
+    from ldm.utils.allocator import apply_policy
+
+    # The host allocator policy train.py applies, for every measurement here (not only the Lightning runs).
+    allocator = compose([]).host_allocator
+    apply_policy(allocator)
 
     images = ROOT / "data/fashion_mnist_64"
     first_stage = str((ROOT / args.first_stage).resolve())
@@ -153,7 +158,8 @@ def main() -> None:
                 "images/s end to end)", "margin": f"{rate['PNG', 2] / online_rate:.1f}x"},
                {"loader (2 workers)": "latent cache", "consumer": ldm_name,
                 "margin": f"{rate['latent', 2] / ldm_rate:.1f}x"}]
-    body = (f"Training steps and stage-2 runs at precision {precision}.\n\n"
+    body = (f"Training steps and stage-2 runs at precision {precision}; host allocator policy `{allocator}` "
+            "(configs/train.yaml host_allocator) for everything measured.\n\n"
             "Data loading (first batch excluded: worker start-up and shuffle buffer):\n\n"
             + markdown_table(rows, list(rows[0])) + "\n\nWhat the training steps consume (forward + backward + "
             "optimiser, no data loading):\n\n" + markdown_table(consumption, list(consumption[0]))

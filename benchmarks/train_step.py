@@ -185,7 +185,9 @@ def main() -> None:
                "against diffusers as its training scripts run it (eager, default AdamW). " if args.compile else "")
             + "Ceilings here: " + ", ".join(f"{p} matmul (2048^3) {m:.0f} GFLOP/s, 3x3 conv fwd+bwd {c:.0f} GFLOP/s"
                                             for p, (m, c) in ceilings.items())
-            + f". Memory: {memory}.\n\n" + markdown_table(rows, list(rows[0])))
+            + f". Memory: {memory}. Host allocator: glibc's default for both (the framework's "
+            "host_allocator=retain, which train.py applies, is measured in benchmarks/results/allocator.md).\n\n"
+            + markdown_table(rows, list(rows[0])))
     path = write_result("train_step", "Training step: ours vs diffusers (identical architectures)", body)
     print(body, f"\nwritten to {path}", sep="\n")
 

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import ldm.utils.config  # noqa: F401  (registers the resolvers the configs use)
+from ldm.utils.allocator import apply_policy
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final callback metrics as floats."""
+    # First, so that the data, the model and every step allocate under it.
+    apply_policy(cfg.get("host_allocator", "default"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_writable(cfg.paths.output_dir, "paths.output_dir")
