@@ -18,6 +18,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, default_collate
 
 from ldm.data.decode import ImageTransform, SampleDecoder, SkipCounter
+from ldm.data.tar_reader import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class ShardData:
         dataset = (
             wds.DataPipeline(
                 wds.ResampledShards(urls),
-                wds.tarfile_to_samples(handler=counter),
+                tar_samples(handler=counter),
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
                 wds.map(self._decoder(self.train_transform, counter, None), handler=counter),
                 wds.batched(self.batch_size, collation_fn=collate, partial=False),
@@ -125,7 +126,7 @@ class ShardData:
             wds.SimpleShardList(urls),
             wds.split_by_node,
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=self.val_counter),
+            tar_samples(handler=self.val_counter),
             wds.map(self._decoder(self.val_transform, self.val_counter, 0), handler=self.val_counter),
         ]
         if self.val_limit is not None:
