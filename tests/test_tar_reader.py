@@ -62,6 +62,15 @@ def test_every_header_format_gives_tarfiles_members(fmt, with_dir, names):
     assert list(iter_members(io.BytesIO(_tar(members, fmt, with_dir)))) == members
 
 
+def test_an_old_style_directory_entry_is_not_a_member():
+    """v7 tars mark a directory as a regular-file type whose name ends in '/'; tarfile skips it, so do we."""
+    data = bytearray(_tar([("olddir/", b""), ("a.txt", b"hello")], tarfile.USTAR_FORMAT))
+    data[156:157] = b"\0"  # the first header's type: AREGTYPE
+    data[148:156] = b"%06o\0 " % (sum(data[:148]) + 256 + sum(data[156:512]))
+    assert [m.name for m in tarfile.open(fileobj=io.BytesIO(bytes(data))) if m.isreg()] == ["a.txt"]
+    assert list(iter_members(io.BytesIO(bytes(data)))) == [("a.txt", b"hello")]
+
+
 def test_compressed_and_empty_streams():
     members = [("a.txt", b"hello"), ("b.txt", b"world" * 200)]
     assert list(iter_members(io.BytesIO(gzip.compress(_tar(members, tarfile.USTAR_FORMAT))))) == members

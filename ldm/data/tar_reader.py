@@ -80,7 +80,8 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         pad = -size % BLOCK
         if pad and len(stream.read(pad)) < pad:
             raise tarfile.ReadError(f"unexpected end of data after member {name!r}")
-        if kind in REGULAR:
+        # A v7 directory entry is a type-"\0" member whose name ends in "/" (tarfile skips it too).
+        if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):
             yield name, data
 
 
