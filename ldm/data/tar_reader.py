@@ -53,10 +53,9 @@ def _plain_header(block: bytes) -> tuple[str, int, bytes] | None:
     if stored != sum(block[:148]) + 256 + sum(block[156:]):  # checksum with its own field read as spaces
         return None
     name = block[:100].split(b"\0", 1)[0]
-    if block[257:262] == b"ustar":
-        prefix = block[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
+    prefix = block[345:500].split(b"\0", 1)[0]  # ustar's long-name prefix; joined whenever set, as tarfile does
+    if prefix:
+        name = prefix + b"/" + name
     try:
         return name.decode("utf-8"), size, block[156:157]
     except UnicodeDecodeError:
