@@ -86,7 +86,7 @@ class SampleMetricCallback(L.Callback, ABC):
         data = ShardData(train_shards=self.reference_shards, val_shards=self.reference_shards,
                          resolution=resolution, val_batch_size=self.batch_size, num_workers=0,
                          val_limit=self.num_reference)
-        return data.val_dataloader(world=trainer.world_size)
+        return data.val_dataloader(world=trainer.world_size, rank=trainer.global_rank)
 
     def _samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, Conditions]:
         share = rank_share(self.num_samples, trainer.global_rank, trainer.world_size)

@@ -2,7 +2,8 @@
 
 Training streams resampled shards (each rank and worker draws shards independently, and every
 rank sees exactly ``batches_per_epoch`` batches, so no rank starves or waits at a collective);
-validation reads every shard once, split by rank then worker, in a fixed order.
+validation reads every sample once, split by rank (by shard, or by sample when shards are fewer than
+ranks) then by worker, in a fixed order.
 """
 
 from __future__ import annotations
@@ -118,17 +119,22 @@ class ShardData:
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
-    def val_dataloader(self, world: int = 1) -> DataLoader | list:
+    def val_dataloader(self, world: int = 1, rank: int = 0) -> DataLoader | list:
+        """Rank ``rank`` of ``world`` validates its part: its shards when there are at least as many shards
+        as ranks, else every ``world``-th sample of all of them. Either way every rank gets data: a rank
+        with none would leave the others waiting at the epoch-end reduction of the validation metrics."""
         if self.val_spec is None:
             return []
         urls = expand_urls(self.val_spec, "data.val_shards")
+        by_shard = len(urls) >= world
         stages = [
-            wds.SimpleShardList(urls),
-            wds.split_by_node,
+            wds.SimpleShardList(urls[rank::world] if by_shard else urls),
             wds.split_by_worker,
             tar_samples(handler=self.val_counter),
-            wds.map(self._decoder(self.val_transform, self.val_counter, 0), handler=self.val_counter),
         ]
+        if not by_shard:
+            stages.append(wds.slice(rank, None, world))
+        stages.append(wds.map(self._decoder(self.val_transform, self.val_counter, 0), handler=self.val_counter))
         if self.val_limit is not None:
             # Per rank: the first shards' samples, identical from one validation to the next.
             stages.append(wds.slice(self.val_limit // max(1, world * max(1, self.num_workers))))

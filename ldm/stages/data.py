@@ -30,7 +30,8 @@ class WebDataModule(L.LightningDataModule):
         return self.data.train_dataloader(self._world())
 
     def val_dataloader(self) -> DataLoader | list:
-        return self.data.val_dataloader(self._world())
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return self.data.val_dataloader(self._world(), rank)
 
     def skipped(self) -> dict[str, int]:
         """Counts of valid and skipped samples so far (see ``ShardData.skipped``)."""
