@@ -94,17 +94,22 @@ def tiny_ldm_overrides(export_dir: Path) -> list[str]:
     ]
 
 
+def ldm_overrides(root: Path, data_dir: Path, export_dir: Path, experiment: str = "ldm_f8", *extra: str) -> list[str]:
+    """The overrides of a tiny stage-2 run writing under ``root`` (for compose_cfg or the train.py CLI)."""
+    overrides = [f"experiment={experiment}"] + tiny_overrides(root, data_dir)
+    overrides = [o for o in overrides if not o.startswith(("model.autoencoder", "model.loss", "+data.prepare.limit",
+                                                           "data.prepare.samples_per_shard", "data.batch_size"))]
+    ldm = tiny_ldm_overrides(export_dir)
+    if "model/conditioner=class" in extra:  # no text tower to shrink
+        ldm = [o for o in ldm if not o.startswith("model.conditioner.embedders.0.arch")]
+    return overrides + ldm + list(extra)
+
+
 @pytest.fixture
 def make_ldm_cfg(tmp_path: Path, data_dir: Path, export_dir: Path):
     """``make_ldm_cfg(experiment, *extra)``: a tiny stage-2 config over the tiny first stages."""
 
     def _make(experiment: str = "ldm_f8", *extra: str) -> DictConfig:
-        overrides = [f"experiment={experiment}"] + tiny_overrides(tmp_path, data_dir)
-        overrides = [o for o in overrides if not o.startswith(("model.autoencoder", "model.loss", "+data.prepare.limit",
-                                                               "data.prepare.samples_per_shard", "data.batch_size"))]
-        ldm = tiny_ldm_overrides(export_dir)
-        if "model/conditioner=class" in extra:  # no text tower to shrink
-            ldm = [o for o in ldm if not o.startswith("model.conditioner.embedders.0.arch")]
-        return compose_cfg(overrides + ldm + list(extra))
+        return compose_cfg(ldm_overrides(tmp_path, data_dir, export_dir, experiment, *extra))
 
     return _make

@@ -78,6 +78,23 @@ def test_text_layers_frozen_and_trainable():
         OpenCLIPTextEmbedder(TINY_TEXT, embed_dim=64)
 
 
+@pytest.mark.parametrize("arch,layer", [(TINY_TEXT, "last"), (TINY_TEXT, "penultimate"), ("RN50", "penultimate")])
+def test_trainable_tower_trains_exactly_the_parameters_its_features_use(arch, layer):
+    """Every parameter left trainable gets a gradient, every other one is frozen: under ``penultimate`` the last
+    block, for a named architecture also the pooled-output projection (DDP then needs no unused-parameter search)."""
+    text = OpenCLIPTextEmbedder(arch, layer=layer, frozen=False)
+    text(["a photo of a bag", "a photo of a coat"]).square().mean().backward()
+    trainable = {n for n, p in text.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in text.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trainable == with_grad
+    last = f"text.transformer.resblocks.{len(text.text.transformer.resblocks) - 1}."
+    assert any(n.startswith(last) for n in trainable) == (layer == "last")
+    assert "text.token_embedding.weight" in trainable and "text.ln_final.weight" in trainable
+    if arch == "RN50":
+        assert "text.text_projection" not in trainable
+    assert Conditioner([text]).trainable_parameters() == [p for p in text.parameters() if p.requires_grad]
+
+
 def test_open_clip_architecture_by_name_with_weights_from_a_local_file(tmp_path):
     """A real open_clip architecture (by name), random weights the test saves, loaded from the file."""
     source = OpenCLIPTextEmbedder("RN50", pretrained=None, layer="penultimate")

@@ -1,6 +1,7 @@
 """Stage 2 end to end on tiny configs: every ldm experiment, export, sampling CLI, img2img, inpainting."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 from ldm.latent_cache import read_manifest, weights_fingerprint
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ldm_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("ldm_*.yaml"))
 
@@ -205,3 +206,21 @@ def test_timestep_bucket_losses_are_logged_with_the_step_they_belong_to(make_ldm
     assert [int(r["step"]) for r in rows] == [1, 3]
     for row in rows:  # batch of one: the bucket its timestep fell in holds this step's loss
         assert row["train/loss"] in {v for k, v in row.items() if k.startswith("train/loss_t")}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_without_the_unused_parameter_search(tmp_path, data_dir, export_dir):
+    """The real CLI, 2 gloo processes, find_unused_parameters=False as the stage declares; the trainable text
+    tower reads the penultimate layer, so a last block left trainable would make DDP fail on the 2nd step."""
+    overrides = [o for o in ldm_overrides(tmp_path, data_dir, export_dir, "ldm_f8")
+                 if not o.startswith("paths.output_dir")]
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "trainer=ddp", "trainer.devices=2",
+           "trainer.max_steps=4", "model.conditioner.embedders.0.layer=penultimate",
+           f"hydra.run.dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path / 'run'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "find_unused_parameters=True was specified" not in out.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert (Path(export_dir) / "ldm_f8" / "model.safetensors").is_file()

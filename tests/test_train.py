@@ -170,3 +170,12 @@ def test_data_workers_default_to_the_cores_the_compute_leaves_free(monkeypatch):
     assert config.auto_num_workers("auto") == 1  # 16 cores over 8 GPUs, one per process kept
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert config.auto_num_workers("gpu") == 8 and config.auto_num_workers("cpu") == 4
+
+
+def test_ddp_searches_for_unused_parameters_only_where_the_stage_needs_it(make_cfg, make_ldm_cfg):
+    # The autoencoder stage's two backward passes cover disjoint parameter sets; latent diffusion uses all.
+    assert make_cfg("ae_f8", "trainer=ddp").trainer.strategy.find_unused_parameters is True
+    assert make_ldm_cfg("ldm_f8", "trainer=ddp").trainer.strategy.find_unused_parameters is False
+    assert make_ldm_cfg("ldm_f8", "trainer=ddp_bf16").trainer.strategy.find_unused_parameters is False
+    forced = make_ldm_cfg("ldm_f8", "trainer=ddp", "trainer.strategy.find_unused_parameters=true")
+    assert forced.trainer.strategy.find_unused_parameters is True

@@ -74,6 +74,23 @@ class OpenCLIPTextEmbedder(nn.Module):
         if frozen:
             self.requires_grad_(False)
             self.text.eval()
+        else:
+            self._freeze_unused()
+
+    def _freeze_unused(self) -> None:
+        """A trainable tower trains only what :meth:`encode` runs: not the last block under ``penultimate``,
+        nor the pooled-output projection. Those would get no gradient (wasted optimiser state, and DDP
+        would have to search every step for parameters without one)."""
+        blocks = self.text.transformer.resblocks
+        depth = len(blocks) - (1 if self.layer == "penultimate" else 0)
+        used = [*self.text.token_embedding.parameters(), self.text.positional_embedding,
+                *self.text.ln_final.parameters(), *(p for block in blocks[:depth] for p in block.parameters())]
+        if getattr(self.text, "cls_emb", None) is not None:
+            used.append(self.text.cls_emb)
+        used_ids = {id(p) for p in used}
+        for p in self.text.parameters():
+            if id(p) not in used_ids:
+                p.requires_grad_(False)
 
     def _load_pretrained(self, arch: str | dict, pretrained: str) -> None:
         path = Path(pretrained).expanduser()

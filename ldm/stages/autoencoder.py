@@ -24,6 +24,10 @@ class AutoencoderStage(L.LightningModule):
     batch count that ``disc_start`` refers to.
     """
 
+    # Each backward covers one of two disjoint parameter sets (autoencoder, discriminator): DDP must not
+    # expect a gradient for every parameter (read by configs/trainer/ddp.yaml).
+    ddp_find_unused_parameters = True
+
     def __init__(self, *, autoencoder: AutoencoderKL, loss: AutoencoderLoss, optimizer: OptimizerFactory,
                  disc_optimizer: OptimizerFactory, grad_clip: float | None = None, max_nonfinite: int = 5,
                  compile: bool = False):

@@ -33,6 +33,10 @@ class LatentDiffusionStage(L.LightningModule):
     export. ``first_stage`` is the export folder (or an ``AutoencoderKL`` already loaded).
     """
 
+    # Every trainable parameter (U-Net, trainable embedders) gets a gradient in every backward: DDP need
+    # not search for unused ones (read by configs/trainer/ddp.yaml).
+    ddp_find_unused_parameters = False
+
     def __init__(self, *, unet: UNet, conditioner: Conditioner, first_stage: str | AutoencoderKL,
                  schedule: NoiseSchedule, optimizer: OptimizerFactory, prediction: str = "eps",
                  min_snr_gamma: float | None = None, latent_norm: str = "channel", warmup_steps: int = 0,

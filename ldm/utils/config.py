@@ -60,12 +60,27 @@ def module_classes(*paths: str) -> set[type]:
     return {get_class(p) for p in paths}
 
 
+def ddp_find_unused_parameters(model_target: str | None) -> bool:
+    """Whether DDP must look for parameters without a gradient after each forward, as the stage class says.
+
+    ``model_target`` is the model config's ``_target_``; a stage class states it in its
+    ``ddp_find_unused_parameters`` attribute (default False: every trainable parameter gets a gradient in
+    every backward, and DDP skips the per-step traversal of the autograd graph that the search costs).
+    """
+    if not model_target:
+        return False
+    from hydra.utils import get_class
+
+    return bool(getattr(get_class(model_target), "ddp_find_unused_parameters", False))
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ldm.num_workers", auto_num_workers, replace=True)
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
     OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
     OmegaConf.register_new_resolver("ldm.class_prompts", class_prompts, replace=True)
+    OmegaConf.register_new_resolver("ldm.ddp_find_unused", ddp_find_unused_parameters, replace=True)
 
 
 register_resolvers()
