@@ -208,6 +208,33 @@ def test_timestep_bucket_losses_are_logged_with_the_step_they_belong_to(make_ldm
         assert row["train/loss"] in {v for k, v in row.items() if k.startswith("train/loss_t")}
 
 
+def test_validation_bucket_losses_are_the_means_of_their_samples(make_ldm_cfg):
+    import lightning as L
+
+    from ldm.training import build
+
+    cfg = make_ldm_cfg("ldm_f8", "data.val_batch_size=5")
+    dm, model = build(cfg.data), build(cfg.model)
+    dm.prepare_data()
+    (metrics,) = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                           enable_model_summary=False).validate(model, datamodule=dm, verbose=False)
+    losses, steps = [], []
+    with torch.no_grad():
+        for i, batch in enumerate(dm.data.val_dataloader()):  # the same fixed draws as validation_step
+            per_sample, t = model.loss(batch, generator=torch.Generator().manual_seed(10_000 + i))
+            losses.append(per_sample)
+            steps.append(t)
+    losses, steps = torch.cat(losses), torch.cat(steps)
+    assert len(losses) == 16 and i == 3  # 4 batches (5, 5, 5, 1): a mean of per-batch means would differ
+    for k in range(4):
+        sel = (steps // 250) == k
+        key = f"val/loss_t{k * 250}-{k * 250 + 249}"
+        if sel.any():
+            assert metrics[key] == pytest.approx(losses[sel].mean().item(), rel=1e-5), key
+        else:
+            assert np.isnan(metrics[key]), key
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu_without_the_unused_parameter_search(tmp_path, data_dir, export_dir):
     """The real CLI, 2 gloo processes, find_unused_parameters=False as the stage declares; the trainable text
@@ -221,6 +248,12 @@ def test_ddp_two_processes_on_cpu_without_the_unused_parameter_search(tmp_path, 
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "find_unused_parameters=True was specified" not in out.stderr
+    assert "It is recommended to use `self.log('val/" not in out.stderr  # every val metric reduced over ranks
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    assert any(r.get("val/loss") for r in rows)
+    assert any(r.get(k) for r in rows for k in r if k.startswith("val/loss_t"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4
     assert (Path(export_dir) / "ldm_f8" / "model.safetensors").is_file()

@@ -9,6 +9,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
 
 from ldm.checkpoints import load_first_stage
 from ldm.conditioning.conditioner import Conditioner
@@ -73,6 +75,8 @@ class LatentDiffusionStage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.timestep_buckets = timestep_buckets
+        # Validation loss per timestep bucket (a bucket without samples on any rank logs NaN).
+        self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(timestep_buckets))
         self.sampling = sampling
         self.spacing = spacing
         self.guard = NonFiniteGuard(max_nonfinite)
@@ -148,14 +152,18 @@ class LatentDiffusionStage(L.LightningModule):
         weight = min_snr_weight(self.schedule.snr(t), self.min_snr_gamma, self.prediction)
         return diffusion_loss(out, target, weight), t
 
-    def _log_buckets(self, prefix: str, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+    def _buckets(self, t: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """Each timestep's bucket index and the buckets' names (``loss_t0-249`` ...)."""
         edges = self.schedule.num_timesteps // self.timestep_buckets
-        bucket = (t // edges).clamp(max=self.timestep_buckets - 1)
-        for k in range(self.timestep_buckets):
+        names = [f"loss_t{k * edges}-{(k + 1) * edges - 1}" for k in range(self.timestep_buckets)]
+        return (t // edges).clamp(max=self.timestep_buckets - 1), names
+
+    def _log_buckets(self, prefix: str, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        bucket, names = self._buckets(t)
+        for k, name in enumerate(names):
             sel = bucket == k
             if sel.any():
-                self.log(f"{prefix}/loss_t{k * edges}-{(k + 1) * edges - 1}", per_sample[sel].mean(),
-                         batch_size=int(sel.sum()))
+                self.log(f"{prefix}/{name}", per_sample[sel].mean(), batch_size=int(sel.sum()))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         per_sample, t = self.loss(batch)
@@ -178,7 +186,12 @@ class LatentDiffusionStage(L.LightningModule):
         gen = torch.Generator().manual_seed(10_000 + batch_idx)
         per_sample, t = self.loss(batch, generator=gen)
         self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=len(t))
-        self._log_buckets("val", per_sample, t)
+        # Per timestep bucket: torchmetrics accumulates on the device; Lightning reduces over ranks and logs at
+        # the epoch's end (every rank logs every bucket, so the reduction is the same collective everywhere).
+        bucket, names = self._buckets(t)
+        for k, (name, metric) in enumerate(zip(names, self.val_bucket_loss, strict=True)):
+            metric.update(per_sample.detach(), (bucket == k).to(per_sample.dtype))
+            self.log(f"val/{name}", metric)
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + self.conditioner.trainable_parameters()
