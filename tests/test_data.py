@@ -47,7 +47,8 @@ def test_shard_round_trip_is_exact(tmp_path):
     assert torch.cat([b["class_label"] for b in batches]).tolist() == [s.label for s in samples]
 
 
-@pytest.mark.parametrize("n_shards,world,workers", [(4, 2, 0), (3, 2, 0), (1, 2, 0), (1, 3, 2), (2, 4, 0)])
+@pytest.mark.parametrize("n_shards,world,workers", [(4, 2, 0), (3, 2, 0), (1, 2, 0), (1, 3, 2), (2, 4, 0), (4, 2, 2),
+                                                     (2, 2, 2)])
 def test_validation_split_over_ranks_gives_every_rank_data_and_every_sample_once(tmp_path, n_shards, world,
                                                                                   workers):
     """By shard when there are enough shards, else by sample: never a rank without validation data (under
@@ -59,8 +60,16 @@ def test_validation_split_over_ranks_gives_every_rank_data_and_every_sample_once
     per_rank = [[k for b in dm.val_dataloader(world, rank) for k in b["key"]] for rank in range(world)]
     assert all(per_rank), [len(keys) for keys in per_rank]
     assert sorted(k for keys in per_rank for k in keys) == [f"s{i:04d}" for i in range(n)]
-    if n_shards >= world:  # whole shards per rank
+    if n_shards >= world * max(1, workers):  # whole shards per rank
         assert all(len(keys) == 4 * len({int(k[1:]) // 4 for k in keys}) for keys in per_rank)
+
+
+def test_val_limit_counts_every_worker_when_shards_are_fewer_than_workers(tmp_path):
+    write_shards(_samples(8, res=8), tmp_path, "val", samples_per_shard=8)  # one shard, two workers
+    dm = ShardData(train_shards=str(tmp_path), val_shards=str(tmp_path), resolution=8, val_batch_size=3,
+                   num_workers=2, val_limit=6)
+    keys = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert len(keys) == 6 and len(set(keys)) == 6  # 3 per worker, none idle
 
 
 def test_train_loader_batches_per_epoch_and_augmentations(tmp_path):

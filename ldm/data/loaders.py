@@ -2,12 +2,13 @@
 
 Training streams resampled shards (each rank and worker draws shards independently, and every
 rank sees exactly ``batches_per_epoch`` batches, so no rank starves or waits at a collective);
-validation reads every sample once, split by rank (by shard, or by sample when shards are fewer than
-ranks) then by worker, in a fixed order.
+validation reads every sample once, split over (rank, worker) slots (by shard, or by sample when shards
+are fewer than slots), in a fixed order.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from ldm.data.decode import ImageTransform, SampleDecoder, SkipCounter
 from ldm.data.tar_reader import tar_samples
@@ -55,6 +56,15 @@ def collate(samples: list[dict]) -> dict:
             "class_label": torch.tensor([s["class_label"] for s in samples], dtype=torch.long),
             "caption": [s["caption"] for s in samples],
             "key": [s["key"] for s in samples]}
+
+
+@wds.pipelinefilter
+def _samples_of_slot(samples, world: int, rank: int):
+    """Every (world x workers)-th sample from this (rank, DataLoader worker)'s offset; ranks vary fastest, so
+    every rank has a sample as long as there are as many samples as ranks."""
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    yield from itertools.islice(samples, worker * world + rank, None, world * workers)
 
 
 class ShardData:
@@ -120,20 +130,20 @@ class ShardData:
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self, world: int = 1, rank: int = 0) -> DataLoader | list:
-        """Rank ``rank`` of ``world`` validates its part: its shards when there are at least as many shards
-        as ranks, else every ``world``-th sample of all of them. Either way every rank gets data: a rank
-        with none would leave the others waiting at the epoch-end reduction of the validation metrics."""
+        """Rank ``rank`` of ``world`` validates its part, split again over its workers: whole shards when
+        there are at least as many shards as (rank, worker) slots, else every slot reads the shards and
+        keeps every n-th sample. Either way every slot gets data: a rank with none would leave the others
+        waiting at the epoch-end reduction of the validation metrics, an idle worker would lose its share
+        of ``val_limit``."""
         if self.val_spec is None:
             return []
         urls = expand_urls(self.val_spec, "data.val_shards")
-        by_shard = len(urls) >= world
-        stages = [
-            wds.SimpleShardList(urls[rank::world] if by_shard else urls),
-            wds.split_by_worker,
-            tar_samples(handler=self.val_counter),
-        ]
-        if not by_shard:
-            stages.append(wds.slice(rank, None, world))
+        by_shard = len(urls) >= world * max(1, self.num_workers)
+        reader = tar_samples(handler=self.val_counter)
+        if by_shard:
+            stages = [wds.SimpleShardList(urls[rank::world]), wds.split_by_worker, reader]
+        else:
+            stages = [wds.SimpleShardList(urls), reader, _samples_of_slot(world, rank)]
         stages.append(wds.map(self._decoder(self.val_transform, self.val_counter, 0), handler=self.val_counter))
         if self.val_limit is not None:
             # Per rank: the first shards' samples, identical from one validation to the next.
