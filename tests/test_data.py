@@ -64,6 +64,15 @@ def test_validation_split_over_ranks_gives_every_rank_data_and_every_sample_once
         assert all(len(keys) == 4 * len({int(k[1:]) // 4 for k in keys}) for keys in per_rank)
 
 
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("batch_size", -4), ("val_batch_size", 0),
+                                       ("num_workers", -1), ("samples_per_epoch", 0), ("val_limit", -5),
+                                       ("val_limit", 0), ("shuffle_buffer", 0), ("resolution", 0), ("batch_size", 2.5),
+                                       ("kind", "latents")])
+def test_bad_loader_settings_name_the_key_and_what_was_expected(tmp_path, key, value):
+    with pytest.raises(ValueError, match=rf"data\.{key}={value!r}: expected"):
+        ShardData(train_shards=str(tmp_path), **{key: value})
+
+
 def test_val_limit_counts_every_worker_when_shards_are_fewer_than_workers(tmp_path):
     write_shards(_samples(8, res=8), tmp_path, "val", samples_per_shard=8)  # one shard, two workers
     dm = ShardData(train_shards=str(tmp_path), val_shards=str(tmp_path), resolution=8, val_batch_size=3,

@@ -86,6 +86,17 @@ class ShardData:
                  label_key: str = "cls", required_keys: Sequence[str] = ("image",),
                  max_consecutive_errors: int = 1000, prepare: Callable[[], object] | None = None,
                  val_limit: int | None = None, kind: str = "image"):
+        if kind not in ("image", "latent"):
+            raise ValueError(f"data.kind={kind!r}: expected 'image' or 'latent'")
+        for name, value, least in (("resolution", resolution, 1), ("batch_size", batch_size, 1),
+                                   ("val_batch_size", val_batch_size, 1), ("num_workers", num_workers, 0),
+                                   ("shuffle_buffer", shuffle_buffer, 1), ("samples_per_epoch", samples_per_epoch, 1),
+                                   ("val_limit", val_limit, 1)):
+            optional = name in ("val_batch_size", "val_limit")
+            if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)
+                                                        or value < least):
+                raise ValueError(f"data.{name}={value!r}: expected an integer >= {least}"
+                                 + (" or null" if optional else ""))
         self.kind = kind
         self.train_spec, self.val_spec = train_shards, val_shards
         self.resolution = resolution
