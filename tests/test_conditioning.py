@@ -150,3 +150,9 @@ def test_trainable_tower_encodes_repeated_captions_once_with_the_same_gradients(
     calls.clear()
     text(caps)
     assert calls == [caps]
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5])
+def test_ucg_rate_outside_0_1_is_refused_with_its_key(rate):
+    with pytest.raises(ValueError, match=rf"model\.conditioner\.embedders\.1\.ucg_rate={rate}: expected a probability"):
+        Conditioner([ClassEmbedder(10, 8, output="context"), ClassEmbedder(10, 8, ucg_rate=rate)])

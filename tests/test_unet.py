@@ -103,3 +103,14 @@ def test_attention_keeps_the_fused_kernel_for_fp32_and_long_sequences(monkeypatc
     attention(*(torch.randn(1, 1, long, 8, dtype=torch.bfloat16) for _ in range(3)))  # too long: fused
     attention(*(torch.randn(1, 1, 16, 8, dtype=torch.bfloat16) for _ in range(3)))  # short bf16: explicit
     assert [s[-2] for s in calls] == [16, long]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(channel_mult=[]), r"model\.unet\.channel_mult=\[\] / model_channels=64: expected a non-empty list"),
+    (dict(channel_mult=[1, 0]), r"channel_mult=\[1, 0\]"),
+    (dict(model_channels=30), r"model\.unet\.num_head_channels=32 exceeds the 30 channels of attention level 0"),
+    (dict(num_heads=128, num_head_channels=-1), r"model\.unet\.num_heads=128 exceeds the 64 channels"),
+])
+def test_bad_unet_settings_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(**{"model_channels": 64, "channel_mult": [1, 2], "attention_resolutions": [1, 2]} | kwargs)

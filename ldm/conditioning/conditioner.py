@@ -22,6 +22,10 @@ class Conditioner(nn.Module):
     def __init__(self, embedders: Sequence[nn.Module], generator_seed: int | None = None):
         super().__init__()
         self.embedders = nn.ModuleList(embedders)
+        for i, e in enumerate(self.embedders):
+            if not 0.0 <= e.ucg_rate <= 1.0:
+                raise ValueError(f"model.conditioner.embedders.{i}.ucg_rate={e.ucg_rate}: expected a probability in "
+                                 "[0, 1]")
         widths = {e.embed_dim for e in self.embedders if e.output == "context"}
         if len(widths) > 1:
             raise ValueError(f"context embedders have different widths {sorted(widths)}; they must agree")

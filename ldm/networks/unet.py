@@ -95,6 +95,15 @@ class UNet(nn.Module):
         super().__init__()
         if (num_heads == -1) == (num_head_channels == -1):
             raise ValueError("set exactly one of num_heads and num_head_channels")
+        if not channel_mult or any(m < 1 for m in channel_mult) or model_channels < 1:
+            raise ValueError(f"model.unet.channel_mult={list(channel_mult)} / model_channels={model_channels}: "
+                             "expected a non-empty list of positive multipliers and a positive width")
+        for level, mult in enumerate(channel_mult):
+            width, heads_from = model_channels * mult, num_heads if num_heads != -1 else num_head_channels
+            if 2 ** level in attention_resolutions and width < heads_from:
+                key = "num_heads" if num_heads != -1 else "num_head_channels"
+                raise ValueError(f"model.unet.{key}={heads_from} exceeds the {width} channels of attention level "
+                                 f"{level} (model_channels {model_channels} x channel_mult {mult})")
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         # The constructor arguments, for converting to other formats (ldm.interop).

@@ -61,6 +61,11 @@ class LatentDiffusionStage(L.LightningModule):
         if side % unet.downsampling:
             raise ValueError(f"latent side {side} (resolution {ae.resolution} / f={ae.downsampling_factor}) is not "
                              f"divisible by the U-Net's downsampling {unet.downsampling} (channel_mult)")
+        if not 1 <= timestep_buckets <= schedule.num_timesteps:
+            raise ValueError(f"model.timestep_buckets={timestep_buckets}: expected 1 to the schedule's "
+                             f"{schedule.num_timesteps} timesteps")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps={warmup_steps}: expected >= 0")
         self.__dict__["first_stage"] = ae  # not a submodule: frozen, outside state dict and optimiser
         self.first_stage_path = Path(first_stage) if isinstance(first_stage, str | Path) else None
         sampling = dict(sampling or {})
