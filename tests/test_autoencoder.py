@@ -106,3 +106,21 @@ def test_upsample_conv_keeps_channels_last():
     assert got[0].is_contiguous(memory_format=torch.channels_last) or got[0].is_contiguous()
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ch_mult=[]), r"model\.autoencoder\.ch_mult=\[\]: expected a non-empty list"),
+    (dict(ch_mult=[1, 0]), r"model\.autoencoder\.ch_mult=\[1, 0\]"),
+    (dict(ch=0), r"model\.autoencoder\.ch=0: expected >= 1"),
+    (dict(z_channels=0), r"model\.autoencoder\.z_channels=0: expected >= 1"),
+    (dict(embed_dim=0), r"model\.autoencoder\.embed_dim=0: expected >= 1"),
+    (dict(num_res_blocks=-1), r"model\.autoencoder\.num_res_blocks=-1: expected >= 0"),
+])
+def test_bad_autoencoder_settings_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoencoderKL(**{"ch": 8, "ch_mult": [1, 2], "resolution": 16} | kwargs)
+
+
+def test_autoencoder_without_residual_blocks_per_level_still_reconstructs_the_shape():
+    ae = AutoencoderKL(ch=8, ch_mult=[1, 2], num_res_blocks=0, resolution=16)
+    assert ae.decode(ae.encode(torch.randn(2, 3, 16, 16)).sample()).shape == (2, 3, 16, 16)

@@ -71,3 +71,9 @@ def test_perceptual_loss_names_the_missing_weights_file(tmp_path, monkeypatch):
 def test_perceptual_weight_without_module_is_rejected():
     with pytest.raises(ValueError, match="perceptual"):
         AutoencoderLoss(discriminator=PatchDiscriminator(ch=8), perceptual_weight=1.0)
+
+
+@pytest.mark.parametrize("name", ["kl_weight", "pixel_weight", "perceptual_weight", "disc_weight", "disc_factor"])
+def test_negative_loss_weights_are_refused_with_their_key(name):
+    with pytest.raises(ValueError, match=rf"model\.loss\.{name}=-1\.0: expected >= 0"):
+        AutoencoderLoss(discriminator=PatchDiscriminator(ch=8, n_layers=1), **{name: -1.0})

@@ -43,6 +43,11 @@ class AutoencoderLoss(nn.Module):
                  perceptual: PerceptualLoss | None = None, disc_start: int = 50001,
                  disc_weight: float = 0.5, disc_factor: float = 1.0):
         super().__init__()
+        for name, value in (("kl_weight", kl_weight), ("pixel_weight", pixel_weight),
+                            ("perceptual_weight", perceptual_weight), ("disc_weight", disc_weight),
+                            ("disc_factor", disc_factor)):
+            if value < 0:
+                raise ValueError(f"model.loss.{name}={value}: expected >= 0 (a negative weight rewards the error)")
         if perceptual_weight > 0 and perceptual is None:
             raise ValueError("perceptual_weight > 0 needs a perceptual loss module (model.loss.perceptual)")
         self.discriminator = discriminator

@@ -242,6 +242,14 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(attn_resolutions)
+        if not ch_mult or any(m < 1 for m in ch_mult):
+            raise ValueError(f"model.autoencoder.ch_mult={list(ch_mult)}: expected a non-empty list of positive "
+                             "multipliers (f = 2 ** (len(ch_mult) - 1))")
+        for name, value, least in (("ch", ch, 1), ("z_channels", z_channels, 1), ("embed_dim", embed_dim, 1),
+                                   ("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                                   ("num_res_blocks", num_res_blocks, 0), ("resolution", resolution, 1)):
+            if value < least:
+                raise ValueError(f"model.autoencoder.{name}={value}: expected >= {least}")
         f = 2 ** (len(ch_mult) - 1)
         if resolution % f:
             raise ValueError(f"resolution={resolution} is not divisible by the downsampling factor f={f} "
