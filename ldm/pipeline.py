@@ -203,6 +203,15 @@ class LatentDiffusionPipeline:
         ``negative_prompt`` replaces the empty prompt in the guidance's unconditional half.
         """
         sample_fn = get_sampler(sampler)
+        for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+        if eta < 0:
+            raise ValueError(f"eta={eta}: expected >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+        if output_type not in ("pil", "tensor"):
+            raise ValueError(f"output_type={output_type!r}: expected 'pil' or 'tensor'")
+        if class_labels is not None and "class_label" not in self.conditioner.input_keys:
+            raise ValueError(f"class_labels given, but this model is conditioned on {self.conditioner.input_keys}")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         labels = [class_labels] if isinstance(class_labels, int) else (
             list(class_labels) if class_labels is not None else None)

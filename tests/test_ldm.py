@@ -154,6 +154,18 @@ def test_sample_cli_errors(trained, tmp_path, make_cfg):
     assert res.returncode != 0 and "holds a 'first_stage' export, not a 'latent_diffusion'" in res.stderr
 
 
+@pytest.mark.parametrize("kwargs,match", [(dict(num_images=0), r"num_images=0: expected an integer >= 1"),
+                                          (dict(batch_size=0), r"batch_size=0: expected an integer >= 1"),
+                                          (dict(eta=-1.0), r"eta=-1\.0: expected >= 0"),
+                                          (dict(output_type="np"), r"output_type='np': expected 'pil' or 'tensor'"),
+                                          (dict(class_labels=3), r"class_labels given, but this model is conditioned "
+                                                                 r"on \['caption'\]")])
+def test_pipeline_refuses_bad_arguments_by_name(trained, kwargs, match):
+    pipe = LatentDiffusionPipeline.from_pretrained(Path(trained.paths.export_dir) / "ldm_f8")
+    with pytest.raises(ValueError, match=match):
+        pipe(prompt="a photo of a bag", steps=2, **kwargs)
+
+
 def test_latent_cache_is_reused_and_rebuilt_for_another_first_stage(make_ldm_cfg, export_dir):
     from ldm.latent_cache import prepare_latent_cache
 
