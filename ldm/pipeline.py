@@ -30,6 +30,7 @@ from ldm.diffusion.samplers import get_sampler, make_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
+from ldm.utils.checks import require_int
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,8 @@ class LatentDiffusionPipeline:
         ``negative_prompt`` replaces the empty prompt in the guidance's unconditional half.
         """
         sample_fn = get_sampler(sampler)
-        for name, value in (("num_images", num_images), ("batch_size", batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+        require_int("num_images", num_images, 1, optional=True)
+        require_int("batch_size", batch_size, 1)
         if eta < 0:
             raise ValueError(f"eta={eta}: expected >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
         if output_type not in ("pil", "tensor"):

@@ -111,10 +111,10 @@ def test_upsample_conv_keeps_channels_last():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(ch_mult=[]), r"model\.autoencoder\.ch_mult=\[\]: expected a non-empty list"),
     (dict(ch_mult=[1, 0]), r"model\.autoencoder\.ch_mult=\[1, 0\]"),
-    (dict(ch=0), r"model\.autoencoder\.ch=0: expected >= 1"),
-    (dict(z_channels=0), r"model\.autoencoder\.z_channels=0: expected >= 1"),
-    (dict(embed_dim=0), r"model\.autoencoder\.embed_dim=0: expected >= 1"),
-    (dict(num_res_blocks=-1), r"model\.autoencoder\.num_res_blocks=-1: expected >= 0"),
+    (dict(ch=0), r"model\.autoencoder\.ch=0: expected an integer >= 1"),
+    (dict(z_channels=0), r"model\.autoencoder\.z_channels=0: expected an integer >= 1"),
+    (dict(embed_dim=0), r"model\.autoencoder\.embed_dim=0: expected an integer >= 1"),
+    (dict(num_res_blocks=-1), r"model\.autoencoder\.num_res_blocks=-1: expected an integer >= 0"),
 ])
 def test_bad_autoencoder_settings_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -79,6 +79,9 @@ def test_val_limit_counts_every_worker_when_shards_are_fewer_than_workers(tmp_pa
                    num_workers=2, val_limit=6)
     keys = [k for b in dm.val_dataloader() for k in b["key"]]
     assert len(keys) == 6 and len(set(keys)) == 6  # 3 per worker, none idle
+    few = ShardData(train_shards=str(tmp_path), val_shards=str(tmp_path), resolution=8, num_workers=0, val_limit=1)
+    per_rank = [[k for b in few.val_dataloader(2, rank) for k in b["key"]] for rank in range(2)]
+    assert per_rank == [["s0000"], ["s0001"]]  # val_limit below the rank count: still one sample per rank
 
 
 def test_train_loader_batches_per_epoch_and_augmentations(tmp_path):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from ldm.data.decode import ImageTransform, SampleDecoder, SkipCounter
 from ldm.data.tar_reader import tar_samples
+from ldm.utils.checks import require_int
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,7 @@ class ShardData:
                                    ("val_batch_size", val_batch_size, 1), ("num_workers", num_workers, 0),
                                    ("shuffle_buffer", shuffle_buffer, 1), ("samples_per_epoch", samples_per_epoch, 1),
                                    ("val_limit", val_limit, 1)):
-            optional = name in ("val_batch_size", "val_limit")
-            if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)
-                                                        or value < least):
-                raise ValueError(f"data.{name}={value!r}: expected an integer >= {least}"
-                                 + (" or null" if optional else ""))
+            require_int(f"data.{name}", value, least, optional=name in ("val_batch_size", "val_limit"))
         self.kind = kind
         self.train_spec, self.val_spec = train_shards, val_shards
         self.resolution = resolution
@@ -157,8 +154,8 @@ class ShardData:
             stages = [wds.SimpleShardList(urls), reader, _samples_of_slot(world, rank)]
         stages.append(wds.map(self._decoder(self.val_transform, self.val_counter, 0), handler=self.val_counter))
         if self.val_limit is not None:
-            # Per rank: the first shards' samples, identical from one validation to the next.
-            stages.append(wds.slice(self.val_limit // max(1, world * max(1, self.num_workers))))
+            # Per slot (rounded up, so that no slot goes without): the same samples in every validation.
+            stages.append(wds.slice(math.ceil(self.val_limit / (world * max(1, self.num_workers)))))
         stages.append(wds.batched(self.val_batch_size, collation_fn=collate, partial=True))
         return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=self.num_workers)
 

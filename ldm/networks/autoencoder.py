@@ -15,6 +15,7 @@ from torch import nn
 
 from ldm.networks.resample import upsample_conv3x3
 from ldm.networks.sdpa import attention
+from ldm.utils.checks import require_int
 
 
 def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
@@ -248,8 +249,7 @@ class AutoencoderKL(nn.Module):
         for name, value, least in (("ch", ch, 1), ("z_channels", z_channels, 1), ("embed_dim", embed_dim, 1),
                                    ("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
                                    ("num_res_blocks", num_res_blocks, 0), ("resolution", resolution, 1)):
-            if value < least:
-                raise ValueError(f"model.autoencoder.{name}={value}: expected >= {least}")
+            require_int(f"model.autoencoder.{name}", value, least)
         f = 2 ** (len(ch_mult) - 1)
         if resolution % f:
             raise ValueError(f"resolution={resolution} is not divisible by the downsampling factor f={f} "
