@@ -13,13 +13,16 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch.optim.swa_utils import AveragedModel
 
 
-def ema_decay(decay: float, warmup: bool, num_averaged: int) -> float:
-    """d = min(decay, (1 + n)/(10 + n)) with warm-up, else ``decay``.
+def ema_decay(decay: float, warmup: bool, num_averaged: int | torch.Tensor) -> float | torch.Tensor:
+    """d = min(decay, (1 + n)/(10 + n)) with warm-up, else ``decay`` (``n`` a number or a device tensor).
 
     The warm-up (as in CompVis' LitEma) lets early averages follow the fast-moving weights
     instead of being dominated by the random initialisation.
     """
-    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged)) if warmup else decay
+    if not warmup:
+        return decay
+    ratio = (1.0 + num_averaged) / (10.0 + num_averaged)
+    return ratio.clamp(max=decay) if isinstance(ratio, torch.Tensor) else min(decay, ratio)
 
 
 class EMAModel(AveragedModel):
@@ -27,43 +30,47 @@ class EMAModel(AveragedModel):
 
     Only parameters that require grad are averaged, in one ``torch._foreach_lerp_`` per device and dtype;
     frozen parameters (a frozen text encoder) stay as first copied and buffers follow the model (an
-    attention mask holding -inf would turn into NaN under lerp). The update count is kept on the host,
-    so a step reads nothing back from the device (one read after a restore).
+    attention mask holding -inf would turn into NaN under lerp). Nothing is read back to the host: the
+    warm-up decay comes from the device count ``n_averaged``, and a step the non-finite guard skipped
+    (``model.guard.last_flag``) leaves the average and its count unchanged.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool, device: torch.device | str | None = None):
         super().__init__(model, device=device, use_buffers=True)
         self.decay, self.warmup = decay, warmup
-        self._count: int | None = None
+        self._copied = False
 
     def load_state_dict(self, *args, **kwargs):
         result = super().load_state_dict(*args, **kwargs)
-        self._count = None  # n_averaged was restored
+        self._copied = True  # the average was restored
         return result
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
-        if self._count is None:
-            self._count = int(self.n_averaged)
         pairs = list(zip(self.module.parameters(), model.parameters(), strict=True))
         buffers = list(zip(self.module.buffers(), model.buffers(), strict=True))
-        if self._count == 0:  # the first update copies everything (weights may have been loaded after setup)
+        if not self._copied:  # the first update copies everything (weights may have been loaded after setup)
             for a, c in pairs + buffers:
                 a.copy_(c)
-        else:
-            groups: dict = defaultdict(lambda: ([], []))
-            for a, c in pairs:
-                if c.requires_grad:
-                    averaged, current = groups[(a.device, a.dtype)]
-                    averaged.append(a)
-                    current.append(c.to(a.device))
-            weight = 1.0 - ema_decay(self.decay, self.warmup, self._count)
-            for averaged, current in groups.values():
-                torch._foreach_lerp_(averaged, current, weight)
-            for a, c in buffers:  # buffers are not trained (masks with -inf, counters): they follow the model
-                a.copy_(c)
-        self.n_averaged += 1
-        self._count += 1
+            self.n_averaged += 1
+            self._copied = True
+            return
+        guard = getattr(model, "guard", None)
+        skipped = getattr(guard, "last_flag", None)
+        keep = torch.ones((), device=self.n_averaged.device) if skipped is None else 1.0 - skipped.to(
+            self.n_averaged.device)
+        decay = ema_decay(self.decay, self.warmup, self.n_averaged.float())
+        groups: dict = defaultdict(lambda: ([], []))
+        for a, c in pairs:
+            if c.requires_grad:
+                averaged, current = groups[(a.device, a.dtype)]
+                averaged.append(a)
+                current.append(c.to(a.device))
+        for (device, dtype), (averaged, current) in groups.items():
+            torch._foreach_lerp_(averaged, current, ((1.0 - decay) * keep).to(device, dtype))
+        for a, c in buffers:  # buffers are not trained (masks with -inf, counters): they follow the model
+            a.copy_(c)
+        self.n_averaged += keep.long()
 
 
 class EMA(WeightAveraging):

@@ -30,9 +30,11 @@ class ClassEmbedder(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
-    def drop(self, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def drop(self, labels: torch.Tensor, mask: list[bool]) -> torch.Tensor:
         """Replace the labels where ``mask`` is True by the null label."""
-        return torch.where(mask.to(labels.device), torch.full_like(labels, self.null_label), labels)
+        labels = torch.as_tensor(labels)
+        keep_out = torch.tensor(mask, dtype=torch.bool).to(labels.device, non_blocking=True)
+        return torch.where(keep_out, torch.full_like(labels, self.null_label), labels)
 
     def null_input(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)

@@ -10,6 +10,8 @@ that classifier-free guidance needs.
 
 from __future__ import annotations
 
+import random
+
 from collections.abc import Sequence
 
 import torch
@@ -32,7 +34,10 @@ class Conditioner(nn.Module):
         self.context_dim = widths.pop() if widths else None
         ys = [e.embed_dim for e in self.embedders if e.output == "y"]
         self.adm_dim = sum(ys) if ys else None
-        self.generator = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+        # Dropout decisions are drawn on the host (captions are host strings; labels get the mask with an
+        # asynchronous copy), so conditioning never reads a device value back. Seeded from Python's global RNG
+        # (which the run's seed sets) unless a seed of its own is given.
+        self.rng = random.Random(generator_seed if generator_seed is not None else random.getrandbits(64))
 
     @property
     def input_keys(self) -> list[str]:
@@ -71,6 +76,6 @@ class Conditioner(nn.Module):
                 raise KeyError(f"the {type(e).__name__} needs batch key '{e.input_key}'")
             v = batch[e.input_key]
             if self.training and e.ucg_rate > 0:
-                v = e.drop(v, torch.rand(n, generator=self.generator) < e.ucg_rate)
+                v = e.drop(v, [self.rng.random() < e.ucg_rate for _ in range(n)])
             values[e.input_key] = v
         return self._embed(values)

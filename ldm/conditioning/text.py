@@ -126,9 +126,9 @@ class OpenCLIPTextEmbedder(nn.Module):
                 self._tokens[caption] = ids
         return torch.stack([self._tokens[c] for c in captions])
 
-    def drop(self, captions: list[str], mask: torch.Tensor) -> list[str]:
+    def drop(self, captions: list[str], mask: list[bool]) -> list[str]:
         """Replace the captions where ``mask`` is True by the empty caption."""
-        return ["" if m else c for c, m in zip(captions, mask.tolist(), strict=True)]
+        return ["" if m else c for c, m in zip(captions, mask, strict=True)]
 
     def null_input(self, batch_size: int, device: torch.device | None = None) -> list[str]:
         return [""] * batch_size

@@ -11,7 +11,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.networks.autoencoder import AutoencoderKL
-from ldm.stages.guard import NonFiniteGuard
+from ldm.stages.guard import NonFiniteGuard, is_logging_step, uncount_steps
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -38,7 +38,8 @@ class AutoencoderStage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer
         self.grad_clip = grad_clip
-        self.guard = NonFiniteGuard(max_nonfinite)
+        self.guard = NonFiniteGuard(max_nonfinite, "autoencoder")
+        self.disc_guard = NonFiniteGuard(max_nonfinite, "discriminator")
         self.compile_networks = compile
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -58,14 +59,20 @@ class AutoencoderStage(L.LightningModule):
         return [self.optimizer_factory(self.autoencoder.parameters()),
                 self.disc_optimizer_factory(self.loss.discriminator.parameters())]
 
-    def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
+    def _step(self, optimizer: Any, loss: torch.Tensor, guard: NonFiniteGuard, parts: dict[str, torch.Tensor],
+              group: str, module: torch.nn.Module) -> None:
+        """Backward, clip, then an optimiser step that the guard turns into a no-op (on the device) when a
+        loss part or a gradient is non-finite."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        # Under a GradScaler (16-mixed) gradients are scaled and the scaler skips overflowing steps itself.
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        guard.step(optimizer, parts, [] if scaled else [(group, list(module.parameters()))], self.trainer.world_size)
         optimizer.step()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt_ae, opt_d = self.optimizers()
         x = batch["image"]
         step = self.batch_step
@@ -73,25 +80,31 @@ class AutoencoderStage(L.LightningModule):
         g_loss, logs = self.loss.generator_loss(x, xrec, posterior, step,
                                                 last_layer=self.autoencoder.decoder.last_layer)
         parts = {k: logs[k] for k in ("rec_loss", "kl_loss", "g_loss", "d_weight") if k in logs}
-        if not self.guard.check(self, parts, step):
-            self.log("train/nonfinite_skipped", float(self.guard.skipped), batch_size=x.shape[0])
-            return None
-        self._step(opt_ae, g_loss)
+        self._step(opt_ae, g_loss, self.guard, parts, "autoencoder", self.autoencoder)
         if self.loss.disc_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(x, xrec)
-            if self.guard.check(self, {"d_loss": d_loss}, step):
-                self._step(opt_d, d_loss)
-            else:
-                opt_d.zero_grad(set_to_none=True)
-                opt_d.step()
+            self._step(opt_d, d_loss, self.disc_guard, {"d_loss": d_loss.detach()}, "discriminator",
+                       self.loss.discriminator)
             logs |= d_logs
         else:
             opt_d.zero_grad(set_to_none=True)
             opt_d.step()  # no gradients: a no-op that keeps global_step = 2 x batches
-        logs["nonfinite_skipped"] = float(self.guard.skipped)
+        skipped = [g.skipped_tensor for g in (self.guard, self.disc_guard) if g.skipped_tensor is not None]
+        logs["nonfinite_skipped"] = torch.stack(skipped).sum()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=x.shape[0])
         self.log("train/rec", logs["rec_loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
         return g_loss.detach()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if is_logging_step(self._trainer):
+            self._read_guards()
+
+    def on_train_end(self) -> None:
+        self._read_guards()
+
+    def _read_guards(self) -> None:
+        for guard in (self.guard, self.disc_guard):
+            uncount_steps(self.trainer, guard.read(self.global_step))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]

@@ -21,7 +21,7 @@ from ldm.latent_cache import MANIFEST, read_manifest, weights_fingerprint
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.stages.guard import NonFiniteGuard
+from ldm.stages.guard import NonFiniteGuard, is_logging_step, uncount_steps
 
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -85,6 +85,9 @@ class LatentDiffusionStage(L.LightningModule):
         self.sampling = sampling
         self.spacing = spacing
         self.guard = NonFiniteGuard(max_nonfinite)
+        self._loss_parts: dict[str, torch.Tensor] = {}
+        # Training loss per timestep bucket, summed on the device over a logging interval: (sum, count) rows.
+        self._train_buckets: torch.Tensor | None = None
         self.compile_networks = compile
         self.run_config: dict[str, Any] | None = None
 
@@ -157,34 +160,57 @@ class LatentDiffusionStage(L.LightningModule):
         weight = min_snr_weight(self.schedule.snr(t), self.min_snr_gamma, self.prediction)
         return diffusion_loss(out, target, weight), t
 
-    def _buckets(self, t: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-        """Each timestep's bucket index and the buckets' names (``loss_t0-249`` ...)."""
+    def _bucket_names(self) -> list[str]:
+        """The timestep buckets' names (``loss_t0-249`` ...)."""
         edges = self.schedule.num_timesteps // self.timestep_buckets
-        names = [f"loss_t{k * edges}-{(k + 1) * edges - 1}" for k in range(self.timestep_buckets)]
-        return (t // edges).clamp(max=self.timestep_buckets - 1), names
+        return [f"loss_t{k * edges}-{(k + 1) * edges - 1}" for k in range(self.timestep_buckets)]
 
-    def _log_buckets(self, prefix: str, per_sample: torch.Tensor, t: torch.Tensor) -> None:
-        bucket, names = self._buckets(t)
-        for k, name in enumerate(names):
-            sel = bucket == k
-            if sel.any():
-                self.log(f"{prefix}/{name}", per_sample[sel].mean(), batch_size=int(sel.sum()))
+    def _bucket_of(self, t: torch.Tensor) -> torch.Tensor:
+        """Each timestep's bucket index."""
+        return (t // (self.schedule.num_timesteps // self.timestep_buckets)).clamp(max=self.timestep_buckets - 1)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def _accumulate_buckets(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        """Add this batch's per-sample losses to their timestep buckets' (sum, count), on the device."""
+        bucket = self._bucket_of(t)
+        rows = torch.stack([per_sample.float(), torch.ones_like(per_sample, dtype=torch.float32)])
+        if self._train_buckets is None or self._train_buckets.device != rows.device:
+            self._train_buckets = rows.new_zeros(2, self.timestep_buckets)
+        self._train_buckets.index_add_(1, bucket, rows)
+
+    def _log_train_buckets(self) -> None:
+        """Mean loss per bucket over the interval since the last logging step (NaN: no sample in the bucket)."""
+        sums, counts = self._train_buckets
+        means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.nan)
+        for k, name in enumerate(self._bucket_names()):
+            self.log(f"train/{name}", means[k], batch_size=1)
+        self._train_buckets.zero_()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         per_sample, t = self.loss(batch)
         loss = per_sample.mean()
-        data = batch["latent"] if "latent" in batch else batch["image"]
-        if not self.guard.check(self, {"mse": loss, "input": data}, self.global_step):
-            self.log("train/nonfinite_skipped", float(self.guard.skipped), batch_size=len(t))
-            return None  # Lightning skips backward and the optimiser step
+        # Checked with the gradients right before the optimiser step (on_before_optimizer_step): a non-finite
+        # loss or gradient skips that step on the device, with no host read here.
+        self._loss_parts = {"mse": loss.detach()}
         self.log("train/loss", loss, prog_bar=True, batch_size=len(t))
-        # Per-timestep-bucket losses need host reads (which buckets are non-empty): only on the steps the
-        # logger records (Lightning writes when the count of stepped batches + 1 is a multiple of
-        # log_every_n_steps; this stage steps one optimiser per batch), not every step.
-        trainer = self._trainer
-        if trainer is None or (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
-            self._log_buckets("train", per_sample.detach(), t)
+        self._accumulate_buckets(per_sample.detach(), t)
+        if is_logging_step(self._trainer):
+            self._log_train_buckets()
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Under a GradScaler (16-mixed) gradients are scaled and the scaler skips overflowing steps itself.
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        groups = [] if scaled else [("unet", list(self.unet.parameters())),
+                                    ("conditioner", self.conditioner.trainable_parameters())]
+        self.guard.step(optimizer, self._loss_parts, groups, self.trainer.world_size)
+        self.log("train/nonfinite_skipped", self.guard.skipped_tensor, batch_size=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if is_logging_step(self._trainer):
+            uncount_steps(self.trainer, self.guard.read(self.global_step))
+
+    def on_train_end(self) -> None:
+        uncount_steps(self.trainer, self.guard.read(self.global_step))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise and timesteps per batch index: validation losses are comparable across epochs.
@@ -193,8 +219,8 @@ class LatentDiffusionStage(L.LightningModule):
         self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=len(t))
         # Per timestep bucket: torchmetrics accumulates on the device; Lightning reduces over ranks and logs at
         # the epoch's end (every rank logs every bucket, so the reduction is the same collective everywhere).
-        bucket, names = self._buckets(t)
-        for k, (name, metric) in enumerate(zip(names, self.val_bucket_loss, strict=True)):
+        bucket = self._bucket_of(t)
+        for k, (name, metric) in enumerate(zip(self._bucket_names(), self.val_bucket_loss, strict=True)):
             metric.update(per_sample.detach(), (bucket == k).to(per_sample.dtype))
             self.log(f"val/{name}", metric)
 

@@ -1,0 +1,128 @@
+"""A training step never waits for the device: no host reads of device values outside logging steps."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from ldm.training import train
+from ldm.utils.dispatch_count import SyncCounter
+
+LOG_EVERY = 4
+
+
+class CountSyncs(L.Callback):
+    """Counts synchronising calls from the start to the end of each training batch (all hooks, the
+    forward, backward, optimiser step, EMA, logging and progress bar), per batch."""
+
+    instances: list[CountSyncs] = []
+
+    def __init__(self):
+        self.per_batch: list[tuple[bool, int, list[str]]] = []
+        self._mode: SyncCounter | None = None
+        CountSyncs.instances.append(self)
+
+    def setup(self, trainer, pl_module, stage):
+        # Outermost: first of the callbacks at batch start; Lightning calls the module's own batch-end hook
+        # after every callback's (progress bar and checkpointing included), so the count stops there.
+        trainer.callbacks.remove(self)
+        trainer.callbacks.insert(0, self)
+        module_end = pl_module.on_train_batch_end
+
+        def on_train_batch_end(*args, **kwargs):
+            module_end(*args, **kwargs)
+            self._mode.__exit__(None, None, None)
+            self.per_batch.append((self._logging, self._mode.total, self._mode.where))
+
+        pl_module.on_train_batch_end = on_train_batch_end
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._logging = (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % trainer.log_every_n_steps == 0
+        self._mode = SyncCounter(record_where=True)
+        self._mode.__enter__()
+
+
+def test_sync_counter_sees_host_reads():
+    x = torch.ones(3)
+    with SyncCounter() as counter:
+        x.sum().item()
+        if x.any():
+            x.tolist()
+        x[x > 0]
+        x.to("cpu")
+        torch.isfinite(x).all()  # stays on the device: not counted
+    assert counter.calls == {"item": 1, "__bool__": 1, "tolist": 1, "boolean-mask index": 1, "to(cpu)": 1}
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "latent_diffusion"])
+def test_training_steps_make_no_host_reads_outside_logging_steps(stage, make_cfg, make_ldm_cfg):
+    CountSyncs.instances.clear()
+    common = ["trainer.max_steps=12", f"trainer.log_every_n_steps={LOG_EVERY}", "data.samples_per_epoch=1000",
+              "+callbacks.sync_probe._target_=tests.test_step_sync.CountSyncs"]
+    if stage == "autoencoder":
+        # The discriminator from batch 2 on: both optimisers' guarded steps are counted.
+        cfg = make_cfg("ae_f8", *common, "callbacks.export_first_stage=null", "model.loss.disc_start=2")
+    else:
+        cfg = make_ldm_cfg("ldm_f8", *common, "callbacks.export_pipeline=null", "model.sampling.num_images=1",
+                           "trainer.max_steps=10")
+    train(cfg)
+    (probe,) = CountSyncs.instances
+    quiet = [(n, where) for logging, n, where in probe.per_batch[1:] if not logging]
+    assert len(quiet) >= 4
+    assert all(n == 0 for n, _ in quiet), "\n".join(w for _, ws in quiet for w in ws[:6])
+
+
+class PoisonGrad(L.Callback):
+    """At the given batches, sets one U-Net gradient to NaN after a finite loss's backward (what an overflow in
+    the backward pass produces); records weights, EMA and optimiser state around those batches."""
+
+    instances: list[PoisonGrad] = []
+
+    def __init__(self, batches: list[int]):
+        self.batches = set(batches)
+        self.before: dict = {}
+        self.after: dict = {}
+        PoisonGrad.instances.append(self)
+
+    @staticmethod
+    def _state(trainer, pl_module) -> dict:
+        ema = next(c for c in trainer.callbacks if type(c).__name__ == "EMA")._average_model
+        opt = trainer.optimizers[0]
+        return {"weights": {k: v.clone() for k, v in pl_module.unet.state_dict().items()},
+                "ema": {k: v.clone() for k, v in ema.module.unet.state_dict().items()},
+                "ema_count": int(ema.n_averaged),
+                "moments": [opt.state[p]["exp_avg"].clone() for p in opt.param_groups[0]["params"] if p in opt.state]}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx in self.batches:
+            self.before[batch_idx] = self._state(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.fit_loop.epoch_loop.batch_idx in self.batches:
+            pl_module.unet.out[-1].weight.grad.view(-1)[0] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx in self.batches:
+            self.after[batch_idx] = self._state(trainer, pl_module)
+
+
+def test_a_nan_gradient_with_a_finite_loss_changes_nothing(make_ldm_cfg):
+    PoisonGrad.instances.clear()
+    cfg = make_ldm_cfg("ldm_f8", "trainer.max_steps=6", "data.samples_per_epoch=1000", "callbacks.export_pipeline=null",
+                       "model.sampling.num_images=1", "+callbacks.poison._target_=tests.test_step_sync.PoisonGrad",
+                       "+callbacks.poison.batches=[2]")
+    metrics = train(cfg)
+    (probe,) = PoisonGrad.instances
+    before, after = probe.before[2], probe.after[2]
+    for what in ("weights", "ema"):
+        for k in before[what]:
+            torch.testing.assert_close(after[what][k], before[what][k], rtol=0, atol=0, msg=f"{what} {k}")
+    assert after["ema_count"] == before["ema_count"]
+    for a, b in zip(after["moments"], before["moments"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert metrics["train/nonfinite_skipped"] == 1.0
+    ckpt = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6  # 7 batches, the skipped one not counted
+    for state in (ckpt["state_dict"], ckpt["current_model_state"]):
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
