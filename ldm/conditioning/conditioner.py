@@ -11,7 +11,6 @@ that classifier-free guidance needs.
 from __future__ import annotations
 
 import random
-
 from collections.abc import Sequence
 
 import torch

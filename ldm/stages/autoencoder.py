@@ -12,6 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.stages.guard import NonFiniteGuard, is_logging_step, uncount_steps
+from ldm.utils.compiling import check_compile_mode, compile_in_place
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -30,7 +31,7 @@ class AutoencoderStage(L.LightningModule):
 
     def __init__(self, *, autoencoder: AutoencoderKL, loss: AutoencoderLoss, optimizer: OptimizerFactory,
                  disc_optimizer: OptimizerFactory, grad_clip: float | None = None, max_nonfinite: int = 5,
-                 compile: bool = False):
+                 compile: bool = False, compile_mode: str = "default"):
         super().__init__()
         self.automatic_optimization = False
         self.autoencoder = autoencoder
@@ -41,6 +42,7 @@ class AutoencoderStage(L.LightningModule):
         self.guard = NonFiniteGuard(max_nonfinite, "autoencoder")
         self.disc_guard = NonFiniteGuard(max_nonfinite, "discriminator")
         self.compile_networks = compile
+        self.compile_mode = check_compile_mode(compile_mode)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.run_config: dict[str, Any] | None = None
@@ -48,7 +50,8 @@ class AutoencoderStage(L.LightningModule):
     def configure_model(self) -> None:
         # Lightning may call this hook more than once; compile in place once (parameter names unchanged).
         if self.compile_networks and not getattr(self, "_compiled", False):
-            self.autoencoder.compile()
+            compile_in_place({"autoencoder": self.autoencoder, "discriminator": self.loss.discriminator},
+                             self.compile_mode)
             self._compiled = True
 
     @property

@@ -22,6 +22,7 @@ from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.stages.guard import NonFiniteGuard, is_logging_step, uncount_steps
+from ldm.utils.compiling import check_compile_mode, compile_in_place
 
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -43,7 +44,7 @@ class LatentDiffusionStage(L.LightningModule):
                  schedule: NoiseSchedule, optimizer: OptimizerFactory, prediction: str = "eps",
                  min_snr_gamma: float | None = None, latent_norm: str = "channel", warmup_steps: int = 0,
                  timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing",
-                 max_nonfinite: int = 5, compile: bool = False):
+                 max_nonfinite: int = 5, compile: bool = False, compile_mode: str = "default"):
         super().__init__()
         ae = load_first_stage(first_stage) if isinstance(first_stage, str | Path) else first_stage
         ae.eval().requires_grad_(False)
@@ -89,6 +90,7 @@ class LatentDiffusionStage(L.LightningModule):
         # Training loss per timestep bucket, summed on the device over a logging interval: (sum, count) rows.
         self._train_buckets: torch.Tensor | None = None
         self.compile_networks = compile
+        self.compile_mode = check_compile_mode(compile_mode)
         self.run_config: dict[str, Any] | None = None
 
     def _apply(self, fn: Callable, recurse: bool = True) -> LatentDiffusionStage:
@@ -99,7 +101,7 @@ class LatentDiffusionStage(L.LightningModule):
     def configure_model(self) -> None:
         # Lightning may call this hook more than once; compile in place once (parameter names unchanged).
         if self.compile_networks and not getattr(self, "_compiled", False):
-            self.unet.compile()
+            compile_in_place({"unet": self.unet}, self.compile_mode)
             self._compiled = True
 
     def on_fit_start(self) -> None:
@@ -143,7 +145,7 @@ class LatentDiffusionStage(L.LightningModule):
         return self.first_stage.normalize_latents(z.float(), self.latent_norm)
 
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample weighted MSE and the timesteps drawn, t ~ U{0..T-1}."""
+        """Per-sample weighted loss and the timesteps drawn, t ~ U{0..T-1}."""
         z0 = self.latents(batch)
         b = z0.shape[0]
         cond = self.conditioner(batch)
@@ -153,12 +155,18 @@ class LatentDiffusionStage(L.LightningModule):
         else:  # a seeded CPU generator (validation): the same draws on every device type
             t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(z0.device)
             noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+        return self.denoising_loss(z0, t, noise, cond["context"], cond["y"]), t
+
+    def denoising_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, context: torch.Tensor | None,
+                       y: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample weighted MSE between the U-Net's output at z_t = q_sample(z0, t, noise) and its target:
+        the stage's tensor program, one graph for torch.compile (tests pin zero graph breaks)."""
         x_t = self.schedule.q_sample(z0, t, noise)
-        out = self.unet(x_t, t, context=cond["context"], y=cond["y"])
+        out = self.unet(x_t, t, context=context, y=y)
         alpha, sigma = self.schedule.alpha_sigma(t, z0)
         target = training_target(self.prediction, z0, noise, alpha, sigma)
         weight = min_snr_weight(self.schedule.snr(t), self.min_snr_gamma, self.prediction)
-        return diffusion_loss(out, target, weight), t
+        return diffusion_loss(out, target, weight)
 
     def _bucket_names(self) -> list[str]:
         """The timestep buckets' names (``loss_t0-249`` ...)."""
