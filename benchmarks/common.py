@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import tempfile
 from pathlib import Path
 
 from ldm.evaluation.report import machine, markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_ENV = "LDM_BENCH_SMOKE_DIR"
 
-__all__ = ["RESULTS", "interleaved_medians", "markdown_table", "median_seconds", "native_bf16", "peak_rss_mb",
-           "write_result"]
+__all__ = ["RESULTS", "ROOT", "add_smoke_arg", "interleaved_medians", "markdown_table", "median_seconds",
+           "native_bf16", "peak_rss_mb", "smoke_dir", "write_result"]
+
+
+def add_smoke_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny run that only proves the script works (CI): tiny sizes, everything it writes "
+                             "(data, models, results) under a temporary folder, benchmarks/results untouched")
+
+
+def smoke_dir(args: argparse.Namespace) -> Path | None:
+    """Under ``--smoke``: the temporary folder this run writes into (also set for child processes), else None."""
+    if not getattr(args, "smoke", False):
+        return None
+    if SMOKE_ENV not in os.environ:
+        os.environ[SMOKE_ENV] = tempfile.mkdtemp(prefix="ldm_bench_smoke_")
+    return Path(os.environ[SMOKE_ENV])
 
 
 def write_result(name: str, title: str, body: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.md"
+    folder = Path(os.environ[SMOKE_ENV]) / "results" if SMOKE_ENV in os.environ else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.md"
     path.write_text(f"# {title}\n\nMachine: {machine()}\n\n{body}\n")
     return path
 

@@ -25,14 +25,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, markdown_table, write_result  # noqa: E402
+from common import add_smoke_arg, interleaved_medians, markdown_table, smoke_dir, write_result  # noqa: E402
 from train_step import UNET, matmul_ceiling, train_step, unet_loss  # noqa: E402
 
 from ldm.interop.diffusers import save_diffusers_folder  # noqa: E402
 from ldm.networks.unet import UNet  # noqa: E402
 
 SD_UNET = dict(in_channels=4, model_channels=320, num_res_blocks=2, channel_mult=[1, 2, 4, 4],
-               attention_resolutions=[4, 2, 1], num_heads=8, context_dim=768)
+               attention_resolutions=[4, 2, 1], num_heads=8, num_head_channels=-1, context_dim=768)
 CONFIGS = {"sd": SD_UNET, "ldm_f8": UNET}
 KNOWN_PEAKS_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
@@ -57,7 +57,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for the MFU")
+    add_smoke_arg(parser)
     args = parser.parse_args()
+    smoke = smoke_dir(args)
+    if smoke:  # the small U-Net on the CPU: proves the script runs
+        args.unet, args.device, args.precision, args.resolution, args.batch, args.iters = \
+            "ldm_f8", "cpu", "fp32", 64, 2, 1
     from diffusers import UNet2DConditionModel
 
     device, n = args.device, args.batch
@@ -67,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = UNet(**CONFIGS[args.unet])
     theirs = UNet2DConditionModel.from_pretrained(
-        save_diffusers_folder(ours, Path(f"/tmp/ldm_bench_models/mfu_{args.unet}")))
+        save_diffusers_folder(ours, (smoke or Path("/tmp")) / f"ldm_bench_models/mfu_{args.unet}"))
     params = sum(p.numel() for p in ours.parameters())
     assert params == sum(p.numel() for p in theirs.parameters())
     side = args.resolution // 8

@@ -24,7 +24,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, markdown_table, median_seconds, native_bf16, peak_rss_mb, write_result  # noqa: E402
+from common import (  # noqa: E402
+    add_smoke_arg,
+    interleaved_medians,
+    markdown_table,
+    median_seconds,
+    native_bf16,
+    peak_rss_mb,
+    smoke_dir,
+    write_result,
+)
 
 from ldm.interop.diffusers import save_diffusers_folder  # noqa: E402
 from ldm.networks.autoencoder import AutoencoderKL  # noqa: E402
@@ -87,7 +96,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile'd copies of both implementations (model.compile=true); "
                              "compilation takes minutes on a CPU")
+    add_smoke_arg(parser)
     args = parser.parse_args()
+    smoke = smoke_dir(args)
+    if smoke:
+        args.iters = 1
     if args.compile:  # compile times as a user's first run sees them, not from an earlier run's cache
         import torch._inductor.config as inductor_config
 
@@ -98,7 +111,8 @@ def main() -> None:
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     precisions = ["fp32"] + (["bf16-mixed"] if native_bf16() else [])
-    tmp = Path("/tmp/ldm_bench_models")
+    tmp = (smoke or Path("/tmp")) / "ldm_bench_models"
+    unet_batch, ae_batch = (2, 2) if smoke else (32, 16)
     torch.manual_seed(0)
     ours_unet = UNet(**UNET)
     theirs_unet = UNet2DConditionModel.from_pretrained(save_diffusers_folder(ours_unet, tmp / "unet"))
@@ -106,17 +120,17 @@ def main() -> None:
     theirs_vae = DiffusersVAE.from_pretrained(save_diffusers_folder(ours_vae, tmp / "vae"))
     for a, b in ((ours_unet, theirs_unet), (ours_vae, theirs_vae)):
         assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
-    x = torch.randn(32, 4, 8, 8, device=device)
-    t = torch.randint(0, 1000, (32,), device=device)
-    ctx = torch.randn(32, 77, 128, device=device)
-    img = torch.rand(16, 3, 64, 64, device=device) * 2 - 1
+    x = torch.randn(unet_batch, 4, 8, 8, device=device)
+    t = torch.randint(0, 1000, (unet_batch,), device=device)
+    ctx = torch.randn(unet_batch, 77, 128, device=device)
+    img = torch.rand(ae_batch, 3, 64, 64, device=device) * 2 - 1
 
     rows = []
     for precision in precisions:
         autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext())
         for name, ours, theirs, loss_fn, inputs, per in (
-            ("U-Net", ours_unet, theirs_unet, unet_loss, (x, t, ctx), 32),
-            ("autoencoder", ours_vae, theirs_vae, vae_loss, (img,), 16),
+            ("U-Net", ours_unet, theirs_unet, unet_loss, (x, t, ctx), unet_batch),
+            ("autoencoder", ours_vae, theirs_vae, vae_loss, (img,), ae_batch),
         ):
             # Ours as the framework trains it (fused AdamW, configs/model/*.yaml); diffusers as its training
             # scripts do (torch.optim.AdamW defaults), and with the same fused AdamW to isolate the network.

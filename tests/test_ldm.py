@@ -221,13 +221,31 @@ def test_ema_averages_trained_weights_with_warmup_and_leaves_frozen_ones():
 def test_timestep_bucket_losses_are_logged_with_the_step_they_belong_to(make_ldm_cfg):
     import csv
 
-    cfg = make_ldm_cfg("ldm_f8", "trainer.max_steps=4", "trainer.log_every_n_steps=2", "data.batch_size=1",
+    cfg = make_ldm_cfg("ldm_f8", "trainer.max_steps=4", "trainer.log_every_n_steps=1", "data.batch_size=1",
                        "data.samples_per_epoch=8")
     train(cfg)
     rows = [r for r in csv.DictReader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")) if r.get("train/loss")]
-    assert [int(r["step"]) for r in rows] == [1, 3]
-    for row in rows:  # batch of one: the bucket its timestep fell in holds this step's loss
-        assert row["train/loss"] in {v for k, v in row.items() if k.startswith("train/loss_t")}
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    for row in rows:  # batch of one, logged every step: its bucket holds this step's loss, the others no sample
+        buckets = {k: v for k, v in row.items() if k.startswith("train/loss_t")}
+        assert len(buckets) == 4 and sorted(buckets.values()).count("nan") == 3
+        assert row["train/loss"] in buckets.values()
+
+
+def test_training_bucket_losses_are_means_over_the_logging_interval(make_ldm_cfg):
+    from hydra.utils import instantiate
+
+    stage = instantiate(make_ldm_cfg("ldm_f8").model)
+    logged = {}
+    stage.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    stage._accumulate_buckets(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 10, 999]))
+    stage._accumulate_buckets(torch.tensor([3.0]), torch.tensor([260]))
+    stage._log_train_buckets()
+    assert logged["train/loss_t0-249"] == 1.5 and logged["train/loss_t250-499"] == 3.0
+    assert logged["train/loss_t750-999"] == 4.0 and logged["train/loss_t500-749"] != logged["train/loss_t500-749"]
+    stage._accumulate_buckets(torch.tensor([5.0]), torch.tensor([0]))  # a new interval starts from zero
+    stage._log_train_buckets()
+    assert logged["train/loss_t0-249"] == 5.0
 
 
 def test_validation_bucket_losses_are_the_means_of_their_samples(make_ldm_cfg):

@@ -146,12 +146,13 @@ def test_cluster_configs_compose_and_build(make_cfg):
 
 
 def test_compile_option_compiles_the_network_in_place(make_cfg, monkeypatch):
+    from ldm.losses.discriminator import PatchDiscriminator
     from ldm.networks.autoencoder import AutoencoderKL
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self)))
     train(make_cfg("ae_f8", "model.compile=true", "debug=fdr"))
-    assert compiled == [AutoencoderKL]
+    assert compiled == [AutoencoderKL, PatchDiscriminator]
 
 
 def test_data_workers_default_to_the_cores_the_compute_leaves_free(monkeypatch):

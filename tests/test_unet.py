@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ldm.networks.attention import SpatialTransformer
-from ldm.networks.sdpa import EXPLICIT_MAX_SCORES, attention
+from ldm.networks.device_paths import EXPLICIT_MAX_SCORES
+from ldm.networks.sdpa import attention
 from ldm.networks.unet import UNet, timestep_embedding
 
 

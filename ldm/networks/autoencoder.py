@@ -50,7 +50,12 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention over all positions (1x1 conv projections, ldm.networks.sdpa)."""
+    """Single-head spatial self-attention over all positions (1x1 conv projections, ldm.networks.sdpa).
+
+    The 1x1 convolutions run as one matmul over the positions' tokens (q, k and v from one product), so
+    attention gets contiguous (B, 1, HW, C) inputs — what the fused SDPA kernels take — and the block
+    dispatches a handful of operators; the parameters keep the CompVis layout (``q.weight`` is (C, C, 1, 1)).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
@@ -62,12 +67,12 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        hn = self.norm(x)
-        # (B, 1, HW, C): one head whose width is the full channel count.
-        q, k, v = (p(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for p in (self.q, self.k, self.v))
-        out = attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = F.linear(tokens, weight, bias).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, HW, C) each
+        out = F.linear(attention(q, k, v).squeeze(1), self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):

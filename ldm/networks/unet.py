@@ -48,8 +48,10 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``emb`` is the timestep embedding after its SiLU (``emb_layers[0]``), which the U-Net computes once
+        for all blocks rather than once per block."""
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = h + self.emb_layers[1](emb).to(h.dtype)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -176,6 +178,7 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
         if y is not None:
             emb = emb + self.label_emb(y.to(emb.dtype))
+        emb = F.silu(emb)  # every ResBlock's emb_layers starts with this SiLU: computed once here
         skips, h = [], x
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)

@@ -59,10 +59,10 @@ def _targets_cpu(args: tuple, kwargs: dict) -> bool:
 class SyncCounter(TorchFunctionMode):
     """Counts calls that read a device value back to the host (a device synchronisation on a GPU).
 
-    Counted: ``.item()``, ``.tolist()``, ``.numpy()``, ``.cpu()`` / ``.to("cpu")`` (the string), ``bool``/``float``/``int``
-    of a tensor (an ``if`` on a tensor), ``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``,
-    ``equal``/``allclose``/``is_nonzero``, and ``repeat_interleave`` without ``output_size`` — every call
-    whose result depends on device values the host must wait for. ``calls`` lists them by name; ``where``
+    Counted: ``.item()``, ``.tolist()``, ``.numpy()``, ``.cpu()`` / ``.to("cpu")`` (the string),
+    ``bool``/``float``/``int`` of a tensor (an ``if`` on a tensor), ``nonzero``, boolean-mask indexing,
+    ``masked_select``, ``unique``, ``equal``/``allclose``/``is_nonzero``, and ``repeat_interleave`` without
+    ``output_size``: every call whose result depends on device values the host must wait for. ``calls`` lists them by name; ``where``
     keeps the innermost library frame of each (to find them).
     """
 
