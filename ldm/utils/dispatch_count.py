@@ -62,8 +62,8 @@ class SyncCounter(TorchFunctionMode):
     Counted: ``.item()``, ``.tolist()``, ``.numpy()``, ``.cpu()`` / ``.to("cpu")`` (the string),
     ``bool``/``float``/``int`` of a tensor (an ``if`` on a tensor), ``nonzero``, boolean-mask indexing,
     ``masked_select``, ``unique``, ``equal``/``allclose``/``is_nonzero``, and ``repeat_interleave`` without
-    ``output_size``: every call whose result depends on device values the host must wait for. ``calls`` lists them by name; ``where``
-    keeps the innermost library frame of each (to find them).
+    ``output_size``: every call whose result depends on device values the host must wait for. ``calls``
+    lists them by name; ``where`` keeps the innermost frames of each (to find them).
     """
 
     _READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.__bool__,
