@@ -9,7 +9,10 @@
 2. Stage 2 end to end through the Lightning loop (data, EMA, logging included): ldm_f8 with online
    encoding of images by the frozen first stage vs reading the latent cache, the same number of steps,
    with the configured data workers (data.num_workers: on a CPU, the cores the compute leaves free).
-Needs exports/ae_f8 and the built-in dataset (python train.py experiment=ae_f8).
+3. Building the latent cache (``ldm.latent_cache``: loader workers, encoder on the accelerator, a writer
+   thread) in images/s, next to the encoder's pure forward rate at the same batch (target >= 0.7 of it).
+Needs exports/ae_f8 and the built-in dataset (python train.py experiment=ae_f8); ``--smoke`` makes a tiny
+random first stage and dataset in a temporary folder instead.
 """
 
 from __future__ import annotations
@@ -25,9 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, median_seconds, write_result  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_smoke_arg, markdown_table, median_seconds, smoke_dir, write_result  # noqa: E402
 
 
 def loader_rate(data, batches: int) -> float:
@@ -39,6 +40,47 @@ def loader_rate(data, batches: int) -> float:
     for _ in itertools.islice(it, batches):
         pass
     return batches * n / (time.perf_counter() - start)
+
+
+def make_smoke_first_stage(folder: Path) -> Path:
+    """A tiny random-weight f=8 first stage at 64 px, exported as training would (for --smoke)."""
+    from ldm.checkpoints import FIRST_STAGE, export_folder
+    from ldm.networks.autoencoder import AutoencoderKL
+
+    cfg = {"ch": 8, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "resolution": 64, "z_channels": 4, "embed_dim": 4}
+    ae = AutoencoderKL(**cfg)
+    export_folder(folder, ae, FIRST_STAGE, {"_target_": "ldm.networks.autoencoder.AutoencoderKL", **cfg},
+                  {"downsampling_factor": ae.downsampling_factor})
+    return folder
+
+
+def cache_build_rates(first_stage: str, image_shards: Path, out: Path, images: int) -> list[dict]:
+    """Latent-cache build rate of ``images`` training images vs the encoder's forward rate at the same batch."""
+    import shutil
+
+    from ldm.checkpoints import load_first_stage
+    from ldm.latent_cache import _Encoder, prepare_latent_cache, resolve_device
+
+    cfg = compose(["experiment=ldm_f8", f"model.first_stage={first_stage}"])
+    batch, workers = cfg.data.prepare.batch_size, cfg.data.num_workers
+    device = resolve_device("auto")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    prepare_latent_cache(first_stage, {"train": str(image_shards)}, out, batch_size=batch, num_workers=workers,
+                         limits={"train": images})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    build = images / (time.perf_counter() - start)
+    encode = _Encoder(load_first_stage(first_stage, device=device), device)
+    x = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    forward = batch / median_seconds(lambda: (encode(x), sync()), 1, 3)
+    shutil.rmtree(out, ignore_errors=True)
+    row = {"device": str(device), "images": images, "encoding batch": batch, "loader workers": workers,
+           "build images/s (incl. start-up)": f"{build:.0f}", "encoder forward images/s": f"{forward:.0f}",
+           "build / forward": f"{build / forward:.2f}"}
+    print(row, flush=True)
+    return [row]
 
 
 def compose(overrides: list[str]):
@@ -63,7 +105,17 @@ def main() -> None:
     parser.add_argument("--first-stage", default="exports/ae_f8", help="the frozen first stage of stage 2")
     parser.add_argument("--precision", default=None, choices=["32-true", "bf16-mixed"],
                         help="trainer.precision of every run and step (default: the configs' choice for this machine)")
+    parser.add_argument("--cache-images", type=int, default=10000, help="training images encoded for the cache rate")
+    add_smoke_arg(parser)
     args = parser.parse_args()
+    smoke = smoke_dir(args)
+    work = smoke or ROOT  # where data, exports and logs go
+    if smoke:
+        args.batches, args.steps, args.rounds, args.cache_limit, args.cache_images = 4, 2, 1, 64, 64
+        args.first_stage = str(make_smoke_first_stage(smoke / "exports" / "ae_f8"))
+    paths = [f"paths.root_dir={work}", f"paths.data_dir={work}/data", f"paths.export_dir={work}/exports",
+             f"paths.log_dir={work}/logs"]
+    tiny = ["+data.prepare.limit=256", "+data.prepare.image_prepare.limit=256"] if smoke else []
     from ldm.data.loaders import ShardData
     from ldm.training import build, train
     from ldm.utils.allocator import apply_policy
@@ -72,14 +124,14 @@ def main() -> None:
     allocator = compose([]).host_allocator
     apply_policy(allocator)
 
-    images = ROOT / "data/fashion_mnist_64"
+    images = work / "data/fashion_mnist_64"
     first_stage = str((ROOT / args.first_stage).resolve())
-    latents = ROOT / "data/latents" / Path(first_stage).name
+    latents = work / "data/latents" / Path(first_stage).name
     # Build the image shards and the latent cache first, as training does on first use (no-ops when they exist).
     from hydra.utils import instantiate
 
-    instantiate(compose(["experiment=ae_f8"]).data).prepare_data()
-    instantiate(compose(["experiment=ldm_f8", f"model.first_stage={first_stage}",
+    instantiate(compose(["experiment=ae_f8", *paths, *tiny[:1]]).data).prepare_data()
+    instantiate(compose(["experiment=ldm_f8", *paths, f"model.first_stage={first_stage}", *tiny[1:],
                          f"+data.prepare.limits.train={args.cache_limit}"]).data).prepare_data()
     precision = args.precision or compose(["experiment=ldm_f8", "trainer.accelerator=cpu"]).trainer.precision
     # The consumers below run at the precision the trainer would use.
@@ -87,16 +139,19 @@ def main() -> None:
     rows = []
     for workers in (0, 1, 2):
         data = ShardData(train_shards=str(images / "train"), resolution=64, batch_size=16, num_workers=workers)
-        rows.append({"input": "PNG shards -> [-1, 1] 64 px", "workers": workers,
-                     "samples/s": f"{loader_rate(data, args.batches):.0f}"})
+        rate = loader_rate(data, args.batches)
+        rows.append({"input": "PNG shards -> [-1, 1] 64 px", "workers": workers, "samples/s": f"{rate:.0f}",
+                     "per worker": f"{rate / workers:.0f}" if workers else "-"})
         print(rows[-1], flush=True)
     for workers in (0, 2):
         data = ShardData(train_shards=str(latents / "train"), kind="latent", batch_size=64, num_workers=workers,
                          required_keys=("caption", "class_label"))
-        rows.append({"input": "latent cache records", "workers": workers,
-                     "samples/s": f"{loader_rate(data, args.batches // 4):.0f}"})
+        rate = loader_rate(data, max(1, args.batches // 4))
+        rows.append({"input": "latent cache records", "workers": workers, "samples/s": f"{rate:.0f}",
+                     "per worker": f"{rate / workers:.0f}" if workers else "-"})
         print(rows[-1], flush=True)
 
+    cache_rows = cache_build_rates(first_stage, images / "train", work / "data/bench_cache", args.cache_images)
     ae_cfg = compose(["experiment=ae_f8", "trainer.accelerator=cpu"])
     stage = build(ae_cfg.model)
     opt_ae, _ = stage.configure_optimizers()
@@ -137,11 +192,12 @@ def main() -> None:
                             ("latent cache", [f"+data.prepare.limits.train={args.cache_limit}"])):
             task = "bench_ldm_" + ("online" if "online" in name else "cache")
             cfg = compose(["experiment=ldm_f8", f"task_name={task}", f"trainer.max_steps={args.steps}",
-                           f"model.first_stage={first_stage}",
+                           f"model.first_stage={first_stage}", *paths,
                            "trainer.max_time=null", f"trainer.precision={precision}",
-                           f"paths.output_dir={ROOT}/logs/{task}", *extra])
+                           f"paths.output_dir={work}/logs/{task}", *extra,
+                           *(tiny[:1] if "online" in name else tiny[1:])])
             train(cfg)
-            meta = OmegaConf.load(ROOT / "exports" / task / "config.yaml").metadata
+            meta = OmegaConf.load(work / "exports" / task / "config.yaml").metadata
             pair.append(meta.fit_images / meta.fit_seconds)
             e2e.append({"round": round_ + 1, "stage 2 input": name, "data workers": cfg.data.num_workers,
                         "steps": args.steps, "images": meta.fit_images, "seconds": meta.fit_seconds,
@@ -161,7 +217,10 @@ def main() -> None:
     body = (f"Training steps and stage-2 runs at precision {precision}; host allocator policy `{allocator}` "
             "(configs/train.yaml host_allocator) for everything measured.\n\n"
             "Data loading (first batch excluded: worker start-up and shuffle buffer):\n\n"
-            + markdown_table(rows, list(rows[0])) + "\n\nWhat the training steps consume (forward + backward + "
+            + markdown_table(rows, list(rows[0])) + "\n\nBuilding the latent cache (encoder in bf16 where native, "
+            "loader workers = data.num_workers, a writer thread) vs the encoder alone on random images of the same "
+            "batch (target: build >= 0.7 of the forward rate):\n\n" + markdown_table(cache_rows, list(cache_rows[0]))
+            + "\n\nWhat the training steps consume (forward + backward + "
             "optimiser, no data loading):\n\n" + markdown_table(consumption, list(consumption[0]))
             + f"\n\nStage 2 end to end (Lightning loop, ldm_f8, batch 64, {args.steps} steps per run, the two inputs "
             f"alternating, fit wall time incl. "

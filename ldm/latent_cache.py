@@ -13,11 +13,17 @@ import hashlib
 import io
 import json
 import logging
+import os
+import queue
+import shutil
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ldm.checkpoints import WEIGHTS, load_first_stage
 from ldm.data.loaders import ShardData
@@ -43,10 +49,9 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _records(loader, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> Iterator[dict]:
-    for batch in loader:
-        mean, std = encode(batch["image"])
-        stacked = torch.cat([mean, std], dim=1).to(torch.float16).cpu().numpy()
+def _records(batches: Iterator[tuple[np.ndarray, dict]]) -> Iterator[dict]:
+    """Webdataset records from (stacked float16 latents, batch) pairs."""
+    for stacked, batch in batches:
         for i, key in enumerate(batch["key"]):
             buf = io.BytesIO()
             np.save(buf, stacked[i], allow_pickle=False)
@@ -56,15 +61,90 @@ def _records(loader, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.
             yield record
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Encoder:
+    """The frozen encoder's posterior (mean, std) of a batch of images, in bf16 where the device runs it natively
+    (latents are stored in float16, so nothing kept is lost)."""
+
+    def __init__(self, ae, device: torch.device):
+        self.ae, self.device = ae, device
+        self.bf16 = auto_precision(device.type) == "bf16-mixed"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            moments = self.ae.quant_conv(self.ae.encoder(images))
+        post = DiagonalGaussian(moments.float())
+        return torch.cat([post.mean, post.std], dim=1).to(torch.float16)
+
+
+def _encode_split(loader, encode: _Encoder, out_dir: Path, split: str, samples_per_shard: int,
+                  expected: int | None) -> list[Path]:
+    """Encode on the device while a writer thread serialises the previous batches into shards.
+
+    The loader's workers decode images, the main thread only moves batches to the device and results back,
+    and the shards are written concurrently, so the accelerator is not left waiting on PNG decoding or tar
+    writing.
+    """
+    done: queue.Queue = queue.Queue(maxsize=4)
+    sentinel = object()
+
+    def batches() -> Iterator[tuple[np.ndarray, dict]]:
+        while (item := done.get()) is not sentinel:
+            yield item
+
+    def hand_over(item: object) -> bool:
+        """Queue ``item`` for the writer; False when the writer has stopped (its error is raised below)."""
+        while not writer.done():
+            try:
+                done.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    with ThreadPoolExecutor(1) as pool:
+        writer = pool.submit(write_records, _records(batches()), out_dir / split, split, samples_per_shard)
+        try:
+            with tqdm(total=expected, unit="img", desc=f"latent cache {split}", mininterval=2.0,
+                      disable=None) as bar:
+                for batch in loader:
+                    latents = encode(batch["image"]).cpu().numpy()
+                    if not hand_over((latents, {k: batch[k] for k in ("key", "caption", "class_label")})):
+                        break
+                    bar.update(len(latents))
+        finally:
+            hand_over(sentinel)
+        return writer.result()
+
+
+def _swap_into_place(built: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the complete ``built`` folder with renames (a reader never sees a half-written cache)."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(built, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def prepare_latent_cache(first_stage: str | Path, splits: dict[str, str], out_dir: str | Path,
                          image_prepare: Callable[[], object] | None = None, batch_size: int = 128,
-                         samples_per_shard: int = 5000, num_workers: int = 2, device: str = "cpu",
+                         samples_per_shard: int = 5000, num_workers: int = 2, device: str = "auto",
                          limits: dict[str, int | None] | None = None) -> Path:
     """Write ``out_dir/<split>/*.tar`` latent shards for each ``split: image shards`` entry, once.
 
     Reused when the manifest names the same first-stage weights and splits; ``image_prepare`` (e.g. the
     built-in dataset's writer) runs first when given. ``limits`` caps a split's sample count (e.g. the
-    validation subset that training validates on).
+    validation subset that training validates on). Encodes on ``device`` (``auto``: the GPU when there is
+    one) with ``num_workers`` loader processes, shows progress, and builds into a temporary folder that
+    replaces ``out_dir`` only when complete.
     """
     limits = {k: v for k, v in (limits or {}).items() if v is not None}
     out_dir = Path(out_dir)
@@ -75,34 +155,30 @@ def prepare_latent_cache(first_stage: str | Path, splits: dict[str, str], out_di
         return out_dir
     if manifest is not None:
         log.warning("latent cache %s was made with another first stage or splits; rebuilding", out_dir)
-        (out_dir / MANIFEST).unlink()
     if image_prepare is not None:
         image_prepare()
-    ae = load_first_stage(first_stage, device=device)
-    # Latents are stored in float16, so encoding in bf16 (where the hardware runs it) loses nothing that
-    # is kept and roughly halves the time.
-    use_bf16 = auto_precision(device) == "bf16-mixed"
-
-    @torch.no_grad()
-    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
-            moments = ae.quant_conv(ae.encoder(images.to(device)))
-        post = DiagonalGaussian(moments.float())
-        return post.mean, post.std
-
+    dev = resolve_device(device)
+    ae = load_first_stage(first_stage, device=dev)
+    encode = _Encoder(ae, dev)
+    built = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(built, ignore_errors=True)
+    built.mkdir(parents=True)
     counts = {}
-    for split, shards in splits.items():
-        dm = ShardData(train_shards=shards, val_shards=shards, resolution=ae.resolution, val_batch_size=batch_size,
-                           num_workers=num_workers, val_limit=limits.get(split))
-        for stale in (out_dir / split).glob("*.tar"):
-            stale.unlink()
-        written = write_records(_records(dm.val_dataloader(), encode), out_dir / split, split, samples_per_shard)
-        counts[split] = {"shards": len(written), "skipped": dm.skipped()["val_skipped"]}
-        log.info("latent cache %s: %d shards in %s", split, len(written), out_dir / split)
-    doc = {"first_stage": str(first_stage), "first_stage_sha256": fingerprint, "embed_dim": ae.embed_dim,
-           "downsampling_factor": ae.downsampling_factor, "resolution": ae.resolution, "splits": counts,
-           "limits": limits}
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(out_dir / MANIFEST)
+    try:
+        for split, shards in splits.items():
+            dm = ShardData(train_shards=shards, val_shards=shards, resolution=ae.resolution,
+                           val_batch_size=batch_size, num_workers=num_workers, val_limit=limits.get(split))
+            start = time.perf_counter()
+            written = _encode_split(dm.val_dataloader(), encode, built, split, samples_per_shard, limits.get(split))
+            valid = dm.skipped()["val_valid"] if num_workers == 0 else None
+            counts[split] = {"shards": len(written), "skipped": dm.skipped()["val_skipped"]}
+            log.info("latent cache %s: %d shards in %.1f s on %s%s", split, len(written), time.perf_counter() - start,
+                     dev, "" if valid is None else f" ({valid} images)")
+        doc = {"first_stage": str(first_stage), "first_stage_sha256": fingerprint, "embed_dim": ae.embed_dim,
+               "downsampling_factor": ae.downsampling_factor, "resolution": ae.resolution, "splits": counts,
+               "limits": limits}
+        (built / MANIFEST).write_text(json.dumps(doc, indent=2))
+        _swap_into_place(built, out_dir)
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
     return out_dir

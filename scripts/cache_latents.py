@@ -20,12 +20,14 @@ def main() -> None:
     parser.add_argument("--split", action="append", required=True, help="name=shards (directory, list or braces)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--samples-per-shard", type=int, default=5000)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto: the GPU when there is one")
+    parser.add_argument("--num-workers", type=int, default=2, help="image-decoding loader processes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     splits = dict(s.split("=", 1) for s in args.split)
     prepare_latent_cache(args.first_stage, splits, args.out_dir, batch_size=args.batch_size,
-                         samples_per_shard=args.samples_per_shard, device=args.device)
+                         samples_per_shard=args.samples_per_shard, device=args.device,
+                         num_workers=args.num_workers)
 
 
 if __name__ == "__main__":
