@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,7 +24,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, markdown_table, native_bf16, peak_rss_mb, write_result  # noqa: E402
+from common import (  # noqa: E402
+    SMOKE_ENV,
+    add_smoke_arg,
+    interleaved_medians,
+    markdown_table,
+    native_bf16,
+    peak_rss_mb,
+    smoke_dir,
+    write_result,
+)
 
 POLICIES = ("default", "retain")
 
@@ -41,9 +51,11 @@ def child(policy: str, iters: int) -> dict:
 
     torch.manual_seed(0)
     unet, vae = UNet(**UNET), AutoencoderKL(**AE)
-    theirs = DiffusersVAE.from_pretrained(save_diffusers_folder(vae, Path(f"/tmp/ldm_bench_allocator/{policy}")))
-    x, t, ctx = torch.randn(32, 4, 8, 8), torch.randint(0, 1000, (32,)), torch.randn(32, 77, 128)
-    img = torch.rand(16, 3, 64, 64) * 2 - 1
+    folder = Path(os.environ.get(SMOKE_ENV, "/tmp")) / f"ldm_bench_allocator/{policy}"
+    theirs = DiffusersVAE.from_pretrained(save_diffusers_folder(vae, folder))
+    nu, na = (2, 2) if SMOKE_ENV in os.environ else (32, 16)  # --smoke: tiny batches
+    x, t, ctx = torch.randn(nu, 4, 8, 8), torch.randint(0, 1000, (nu,)), torch.randn(nu, 77, 128)
+    img = torch.rand(na, 3, 64, 64) * 2 - 1
     out = {"applied": applied}
     for precision in ["fp32"] + (["bf16-mixed"] if native_bf16() else []):
         ac = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
@@ -70,7 +82,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=7, help="timed steps per candidate in each child")
     parser.add_argument("--child", choices=POLICIES, help=argparse.SUPPRESS)
+    add_smoke_arg(parser)
     args = parser.parse_args()
+    if smoke_dir(args):  # children inherit the smoke folder through the environment
+        args.rounds, args.iters = 1, 1
     if args.child:
         print(json.dumps(child(args.child, args.iters)))
         return

@@ -20,13 +20,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_result  # noqa: E402
+from common import ROOT, add_smoke_arg, markdown_table, smoke_dir, write_result  # noqa: E402
 
 from ldm.checkpoints import load_classifier, load_first_stage  # noqa: E402
 from ldm.data.loaders import ShardData  # noqa: E402
 from ldm.evaluation.reconstruction import evaluate_reconstruction  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("autoencoder_f")
 
 
@@ -40,13 +39,24 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     parser.add_argument("--result", default="autoencoder_f",
                         help="results file name (benchmarks/results/<name>.md), e.g. for a single-f long run")
+    add_smoke_arg(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    smoke = smoke_dir(args)
+    work = smoke or ROOT  # data, exports and logs
+    paths = [f"paths.root_dir={work}", f"paths.data_dir={work}/data", f"paths.export_dir={work}/exports",
+             f"paths.log_dir={work}/logs"]
+    classifier_extra = []
+    if smoke:  # one f, two batches of a narrow network, a classifier from 64 images, 32 test images
+        args.fs, args.eval_limit, args.classifier = [8], 32, str(smoke / "classifier")
+        classifier_extra = ["--limit", "64", "--epochs", "1"]
+        args.extra = [*args.extra, "trainer.max_steps=4", "model.autoencoder.ch=8", "data.samples_per_epoch=32",
+                      "+data.prepare.limit=128", "data.val_limit=16", "data.shuffle_buffer=16"]
 
     if not (ROOT / args.classifier / "model.safetensors").is_file():
         log.info("no classifier at %s: training it", args.classifier)
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "train_classifier.py"), "--out", args.classifier],
-                       check=True, cwd=ROOT)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "train_classifier.py"), "--out", args.classifier,
+                        *classifier_extra], check=True, cwd=ROOT)
     classifier = load_classifier(ROOT / args.classifier)
     budget = time.strftime("%H:%M:%S", time.gmtime(args.minutes * 60))
     rows = []
@@ -54,14 +64,14 @@ def main() -> None:
         task = f"bench_ae_f{f}"
         if not args.skip_training:
             cmd = [sys.executable, "train.py", f"experiment=ae_f{f}", f"task_name={task}",
-                   f"trainer.max_time=00:{budget}", *args.extra]
+                   f"trainer.max_time=00:{budget}", *paths, *args.extra]
             log.info("training f=%d for %s: %s", f, budget, " ".join(cmd))
             subprocess.run(cmd, check=True, cwd=ROOT)
-        export = ROOT / "exports" / task
+        export = work / "exports" / task
         ae = load_first_stage(export)
         meta = OmegaConf.load(export / "config.yaml").metadata
-        dm = ShardData(train_shards=str(ROOT / "data/fashion_mnist_64/train"),
-                           val_shards=str(ROOT / "data/fashion_mnist_64/val"), resolution=64,
+        dm = ShardData(train_shards=str(work / "data/fashion_mnist_64/train"),
+                       val_shards=str(work / "data/fashion_mnist_64/val"), resolution=64,
                            val_batch_size=100, num_workers=2, val_limit=args.eval_limit)
         start = time.perf_counter()
         metrics = evaluate_reconstruction(ae, dm.val_dataloader(), classifier)

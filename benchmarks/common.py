@@ -13,8 +13,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_ENV = "LDM_BENCH_SMOKE_DIR"
 
-__all__ = ["RESULTS", "ROOT", "add_smoke_arg", "interleaved_medians", "markdown_table", "median_seconds",
-           "native_bf16", "peak_rss_mb", "smoke_dir", "write_result"]
+__all__ = ["RESULTS", "ROOT", "SMOKE_ENV", "add_smoke_arg", "compose", "interleaved_medians", "make_smoke_first_stage",
+           "make_smoke_pipeline", "markdown_table", "median_seconds", "native_bf16", "peak_rss_mb", "smoke_dir",
+           "write_result"]
 
 
 def add_smoke_arg(parser: argparse.ArgumentParser) -> None:
@@ -90,3 +91,46 @@ def native_bf16() -> bool:
     from ldm.utils.config import cpu_supports_bf16
 
     return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
+
+
+def compose(overrides: list[str]):
+    """The framework's Hydra config (configs/train.yaml) with ``overrides``, unlocked."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import ldm.utils.config  # noqa: F401  (resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.hydra = None
+    return cfg
+
+
+def make_smoke_first_stage(folder: Path) -> Path:
+    """A tiny random-weight f=8 first stage at 64 px, exported as training would (for --smoke)."""
+    from ldm.checkpoints import FIRST_STAGE, export_folder
+    from ldm.networks.autoencoder import AutoencoderKL
+
+    cfg = {"ch": 8, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "resolution": 64, "z_channels": 4, "embed_dim": 4}
+    ae = AutoencoderKL(**cfg)
+    export_folder(folder, ae, FIRST_STAGE, {"_target_": "ldm.networks.autoencoder.AutoencoderKL", **cfg},
+                  {"downsampling_factor": ae.downsampling_factor})
+    return folder
+
+
+def make_smoke_pipeline(folder: Path) -> Path:
+    """A tiny random-weight text-conditional ldm_f8 pipeline over a tiny first stage, exported (for --smoke)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    first_stage = make_smoke_first_stage(folder.parent / f"{folder.name}_first_stage")
+    cfg = compose(["experiment=ldm_f8", f"model.first_stage={first_stage}", "model.unet.model_channels=16",
+                   "model.unet.num_head_channels=8", "model.conditioner.embedders.0.arch.width=16",
+                   "model.conditioner.embedders.0.arch.layers=1", "model.conditioner.embedders.0.arch.heads=2",
+                   "model.conditioner.embedders.0.embed_dim=16"])
+    stage = instantiate(cfg.model)
+    pipe = stage.pipeline()
+    pipe.config = OmegaConf.to_container(cfg.model, resolve=True)
+    return pipe.save_pretrained(folder)

@@ -113,7 +113,7 @@ def main() -> None:
             f"(forward + backward, counted on diffusers' network). Median of {args.iters} rounds, candidates in "
             "alternation. "
             f"Peak: {peak_note}. Memory: {memory}.\n\n" + markdown_table(rows, list(rows[0])))
-    path = write_result(f"mfu_{args.unet}_{device}", f"Model-FLOPs utilisation: {name} training step", body)
+    path = write_result(f"mfu_{args.unet}_{device}_b{n}", f"Model-FLOPs utilisation: {name} training step", body)
     print(body, f"\nwritten to {path}", sep="\n")
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, markdown_table, write_result  # noqa: E402
+from common import (  # noqa: E402
+    add_smoke_arg,
+    interleaved_medians,
+    make_smoke_pipeline,
+    markdown_table,
+    smoke_dir,
+    write_result,
+)
 
 from ldm.data.fashion_mnist import caption_for  # noqa: E402
 from ldm.diffusion.guidance import cfg  # noqa: E402
@@ -53,23 +60,32 @@ def main() -> None:
                         help="wall times only (no quality sweep, no classifier needed); writes sampling_speed.md")
     add_judge_args(parser)
     parser.set_defaults(num_samples=500)
+    add_smoke_arg(parser)
     args = parser.parse_args()
+    smoke = smoke_dir(args)
+    n_images, steps = (64, {"ddim": 50, "dpm": 20}) if not smoke else (4, {"ddim": 3, "dpm": 2})
+    if smoke:  # a tiny random model, the timing part only
+        args.model, args.rounds, args.speed_only = str(make_smoke_pipeline(smoke / "ldm_smoke")), 1, True
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     sch = pipe.config["schedule"]
     common = dict(num_train_timesteps=sch["num_timesteps"], beta_start=sch["beta_start"], beta_end=sch["beta_end"],
                   beta_schedule=sch["kind"], timestep_spacing=pipe.spacing)
-    prompts = [caption_for(i % 10) for i in range(64)]
+    prompts = [caption_for(i % 10) for i in range(n_images)]
+    ddim, dpm = steps["ddim"], steps["dpm"]
+    names = {"ours DDIM": f"ours DDIM {ddim}", "diffusers DDIM": f"diffusers DDIMScheduler {ddim}",
+             "ours DPM": f"ours DPM-Solver++(2M) {dpm}", "diffusers DPM": f"diffusers DPMSolverMultistep {dpm}"}
     runs = {
-        "ours DDIM 50": lambda: pipe(prompt=prompts, sampler="ddim", steps=50, seed=0, batch_size=64,
-                                     output_type="tensor"),
-        "diffusers DDIMScheduler 50": lambda: diffusers_sample(
-            pipe, DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common), prompts, 50, 0),
-        "ours DPM-Solver++(2M) 20": lambda: pipe(prompt=prompts, sampler="dpmpp_2m", steps=20, seed=0, batch_size=64,
-                                                 output_type="tensor"),
-        "diffusers DPMSolverMultistep 20": lambda: diffusers_sample(
-            pipe, DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common), prompts, 20, 0),
+        names["ours DDIM"]: lambda: pipe(prompt=prompts, sampler="ddim", steps=ddim, seed=0, batch_size=n_images,
+                                         output_type="tensor"),
+        names["diffusers DDIM"]: lambda: diffusers_sample(
+            pipe, DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common), prompts, ddim, 0),
+        names["ours DPM"]: lambda: pipe(prompt=prompts, sampler="dpmpp_2m", steps=dpm, seed=0, batch_size=n_images,
+                                        output_type="tensor"),
+        names["diffusers DPM"]: lambda: diffusers_sample(
+            pipe, DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common), prompts, dpm,
+            0),
     }
     outputs = {}
 
@@ -78,17 +94,17 @@ def main() -> None:
 
     with torch.no_grad():
         seconds = interleaved_medians({name: keeping_output(name, fn) for name, fn in runs.items()}, 1, args.rounds)
-    rows = [{"sampler": name, "64 images (s)": f"{sec:.2f}", "images/s": f"{64 / sec:.1f}"}
+    rows = [{"sampler": name, f"{n_images} images (s)": f"{sec:.2f}", "images/s": f"{n_images / sec:.1f}"}
             for name, sec in seconds.items()]
     print(*rows, sep="\n", flush=True)
-    for ours, theirs in (("ours DDIM 50", "diffusers DDIMScheduler 50"),
-                         ("ours DPM-Solver++(2M) 20", "diffusers DPMSolverMultistep 20")):
+    for ours, theirs in ((names["ours DDIM"], names["diffusers DDIM"]),
+                         (names["ours DPM"], names["diffusers DPM"])):
         diff = (outputs[ours] - outputs[theirs]).abs().max().item()
         for r in rows:
             if r["sampler"] in (ours, theirs):
                 r["max |ours - diffusers| (pixels, [-1, 1])"] = f"{diff:.1e}"
-    speed = (f"Model {args.model}. Wall time: 64 images incl. decoding, cfg 4, batch 64; median of {args.rounds} "
-             "runs per sampler after one warm-up, the samplers timed in alternation.\n\n"
+    speed = (f"Model {args.model}. Wall time: {n_images} images incl. decoding, cfg 4, batch {n_images}; median of "
+             f"{args.rounds} runs per sampler after one warm-up, the samplers timed in alternation.\n\n"
              + markdown_table(rows, list(rows[0])))
     if args.speed_only:
         path = write_result("sampling_speed", "Sampling speed", speed)

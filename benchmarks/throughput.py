@@ -28,7 +28,16 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_smoke_arg, markdown_table, median_seconds, smoke_dir, write_result  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    add_smoke_arg,
+    compose,
+    make_smoke_first_stage,
+    markdown_table,
+    median_seconds,
+    smoke_dir,
+    write_result,
+)
 
 
 def loader_rate(data, batches: int) -> float:
@@ -40,18 +49,6 @@ def loader_rate(data, batches: int) -> float:
     for _ in itertools.islice(it, batches):
         pass
     return batches * n / (time.perf_counter() - start)
-
-
-def make_smoke_first_stage(folder: Path) -> Path:
-    """A tiny random-weight f=8 first stage at 64 px, exported as training would (for --smoke)."""
-    from ldm.checkpoints import FIRST_STAGE, export_folder
-    from ldm.networks.autoencoder import AutoencoderKL
-
-    cfg = {"ch": 8, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "resolution": 64, "z_channels": 4, "embed_dim": 4}
-    ae = AutoencoderKL(**cfg)
-    export_folder(folder, ae, FIRST_STAGE, {"_target_": "ldm.networks.autoencoder.AutoencoderKL", **cfg},
-                  {"downsampling_factor": ae.downsampling_factor})
-    return folder
 
 
 def cache_build_rates(first_stage: str, image_shards: Path, out: Path, images: int) -> list[dict]:
@@ -81,19 +78,6 @@ def cache_build_rates(first_stage: str, image_shards: Path, out: Path, images: i
            "build / forward": f"{build / forward:.2f}"}
     print(row, flush=True)
     return [row]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import ldm.utils.config  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
-    OmegaConf.set_struct(cfg, False)
-    cfg.hydra = None
-    return cfg
 
 
 def main() -> None:

@@ -202,7 +202,8 @@ def main() -> None:
             + f". Memory: {memory}. Host allocator: glibc's default for both (the framework's "
             "host_allocator=retain, which train.py applies, is measured in benchmarks/results/allocator.md).\n\n"
             + markdown_table(rows, list(rows[0])))
-    path = write_result("train_step", "Training step: ours vs diffusers (identical architectures)", body)
+    path = write_result("train_step" if device == "cpu" else f"train_step_{device}",
+                        "Training step: ours vs diffusers (identical architectures)", body)
     print(body, f"\nwritten to {path}", sep="\n")
 
 

@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> None:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     model = FashionClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * (len(x_train) // args.batch_size)
+    batches = max(1, len(x_train) // args.batch_size)  # a last partial batch is dropped, unless it is the only one
+    steps = args.epochs * batches
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, steps))
     start = time.time()
     for epoch in range(args.epochs):
         model.train()
         perm = torch.randperm(len(x_train), generator=gen)
-        for i in range(len(x_train) // args.batch_size):
+        for i in range(batches):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
             loss = F.cross_entropy(model(augment(x_train[idx], gen)), y_train[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)

@@ -78,3 +78,16 @@ def test_compiled_run_writes_the_keys_of_an_eager_one(make_ldm_cfg, tmp_path, mo
         keys[compiled] = (set(ckpt["state_dict"]), set(ckpt["current_model_state"]), set(exported))
     assert keys[True] == keys[False]
     assert not any("_orig_mod" in k or k.startswith("module.") for group in keys[True] for k in group)
+
+
+def test_gpu_runs_get_device_sized_batches_and_compile(monkeypatch):
+    from tests.conftest import compose_cfg
+
+    cpu = compose_cfg(["experiment=ldm_f8", "trainer.accelerator=cpu"])
+    assert (cpu.data.batch_size, cpu.data.prepare.batch_size, cpu.model.compile) == (64, 128, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = compose_cfg(["experiment=ldm_f8"])
+    assert (gpu.data.batch_size, gpu.data.prepare.batch_size, gpu.model.compile) == (512, 1024, True)
+    ae = compose_cfg(["experiment=ae_f8"])
+    assert (ae.data.batch_size, ae.data.val_batch_size, ae.model.compile) == (64, 256, True)
+    assert compose_cfg(["experiment=ae_f8", "trainer.accelerator=cpu"]).data.batch_size == 16

@@ -1,0 +1,32 @@
+"""Every benchmark script runs (tiny, under --smoke), so none can rot unnoticed; committed results stay untouched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "common.py")
+
+
+def test_every_benchmark_script_is_smoke_tested():
+    assert set(SCRIPTS) == {"allocator.py", "autoencoder_f.py", "gpu_report.py", "mfu.py", "op_count.py",
+                            "sampling.py", "throughput.py", "train_step.py"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_runs_under_smoke(script, tmp_path):
+    results = ROOT / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    env = {**os.environ, "LDM_BENCH_SMOKE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    written = list((tmp_path / "results").glob("*.md"))
+    assert written and all("|" in p.read_text() for p in written)  # a table was written, under the smoke folder
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
