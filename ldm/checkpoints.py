@@ -55,6 +55,44 @@ def export_folder(path: str | Path, model: nn.Module, kind: str, model_config: d
     return path
 
 
+# What a config inside a checkpoint or export may build: the framework's own networks, conditioners, noise
+# schedules and losses (classes only). Anything else (``builtins.open``, ``shutil.copyfile``, ``os.system`` ...)
+# is refused before anything is imported or called: a loaded artifact must not run code.
+TRUSTED_TARGETS = ("ldm.networks.", "ldm.conditioning.", "ldm.diffusion.", "ldm.losses.")
+
+
+def check_targets(node: Any, source: str | Path, where: str = "") -> None:
+    """Refuse every ``_target_`` in ``node`` (nested) that is not a class of :data:`TRUSTED_TARGETS`,
+    naming ``source`` (the file it came from), the key and the target."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None:
+            obj = None
+            if isinstance(target, str) and target.startswith(TRUSTED_TARGETS):
+                from hydra.utils import get_object
+
+                try:
+                    obj = get_object(target)
+                except Exception:  # noqa: BLE001 - unknown names are refused below like any other
+                    obj = None
+            if not isinstance(obj, type):
+                raise ValueError(f"{source}: refusing to build '{target}' (at {where or 'the top'}._target_): configs "
+                                 "inside checkpoints and exports may only name classes under "
+                                 f"{', '.join(p + '*' for p in TRUSTED_TARGETS)}; this file was not written by the "
+                                 "framework or was altered")
+        for key, value in node.items():
+            check_targets(value, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, source, f"{where}[{i}]")
+
+
+def instantiate_trusted(node: dict, source: str | Path) -> Any:
+    """``hydra.utils.instantiate`` of a config read from an artifact, after :func:`check_targets`."""
+    check_targets(node, source)
+    return instantiate(node)
+
+
 def read_export_config(path: str | Path, kind: str, make_hint: str = "") -> tuple[Path, dict[str, Any]]:
     """Validate an export folder (or its ``model.safetensors``) and return (folder, config)."""
     path = Path(path)
@@ -77,7 +115,7 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path, what)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
@@ -89,9 +127,18 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.
     return state.get("state_dict", state)
 
 
+def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` whose errors (truncated file, bad header...) name the file."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types; each is a bad file here
+        raise ValueError(f"{what} file {path} is not a readable safetensors file ({err}); re-export or re-download "
+                         "it") from err
+
+
 def load_weights(model: nn.Module, file: Path) -> None:
     """Load a safetensors state dict strictly, naming missing and unexpected keys on mismatch."""
-    state = load_file(str(file))
+    state = read_safetensors(file)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{file} does not match {type(model).__name__}: missing keys {result.missing_keys[:10]}"
@@ -103,7 +150,7 @@ def load_exported(path: str | Path, kind: str, expected: type[nn.Module], make_h
                   device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the network of an export folder, load its weights; frozen and in eval mode."""
     folder, cfg = read_export_config(path, kind, make_hint)
-    model = instantiate(cfg["model"])
+    model = instantiate_trusted(cfg["model"], folder / CONFIG)
     if not isinstance(model, expected):
         raise TypeError(f"{folder}/{CONFIG}: model is {type(model).__name__}, expected {expected.__name__}")
     load_weights(model, folder / WEIGHTS)

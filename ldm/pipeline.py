@@ -17,12 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from PIL import Image
 from rich.progress import Progress
 from torch import nn
 
-from ldm.checkpoints import FIRST_STAGE, WEIGHTS, export_folder, load_first_stage, load_weights, read_export_config
+from ldm.checkpoints import (
+    CONFIG,
+    FIRST_STAGE,
+    WEIGHTS,
+    export_folder,
+    instantiate_trusted,
+    load_first_stage,
+    load_weights,
+    read_export_config,
+)
 from ldm.conditioning.conditioner import Conditioner
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.objectives import check_prediction, to_eps
@@ -95,7 +103,7 @@ class LatentDiffusionPipeline:
         path = Path(path)
         if path.is_dir() or path.name == WEIGHTS:
             folder, cfg_ = read_export_config(path, LATENT_DIFFUSION, "python train.py experiment=ldm_f8")
-            pipe = cls._build(cfg_["model"], load_first_stage(folder / "first_stage"))
+            pipe = cls._build(cfg_["model"], load_first_stage(folder / "first_stage"), folder / CONFIG)
             load_weights(_Bundle(pipe.unet, pipe.conditioner), folder / WEIGHTS)
         elif path.suffix == ".ckpt":
             pipe = cls._from_checkpoint(path, ema)
@@ -107,10 +115,11 @@ class LatentDiffusionPipeline:
         return pipe
 
     @classmethod
-    def _build(cls, model_cfg: dict, first_stage: AutoencoderKL) -> LatentDiffusionPipeline:
-        unet = instantiate(model_cfg["unet"])
-        conditioner = instantiate(model_cfg["conditioner"])
-        schedule = instantiate(model_cfg["schedule"])
+    def _build(cls, model_cfg: dict, first_stage: AutoencoderKL, source: str | Path) -> LatentDiffusionPipeline:
+        """The pipeline a (trusted-target-checked) model config from ``source`` describes."""
+        unet = instantiate_trusted(model_cfg["unet"], source)
+        conditioner = instantiate_trusted(model_cfg["conditioner"], source)
+        schedule = instantiate_trusted(model_cfg["schedule"], source)
         pipe = cls(unet, conditioner, first_stage, schedule, prediction=model_cfg.get("prediction", "eps"),
                    latent_norm=model_cfg.get("latent_norm", "channel"), spacing=model_cfg.get("spacing", "trailing"))
         pipe.config = model_cfg
@@ -133,7 +142,7 @@ class LatentDiffusionPipeline:
             kind = "an autoencoder (stage 1)" if target.endswith("AutoencoderStage") else f"a '{target}'"
             raise ValueError(f"{path} is {kind} checkpoint, not a latent diffusion (stage 2) one; "
                              "sample from a checkpoint of `python train.py experiment=ldm_f8`")
-        pipe = cls._build(model_cfg, load_first_stage(model_cfg["first_stage"]))
+        pipe = cls._build(model_cfg, load_first_stage(model_cfg["first_stage"]), path)
         state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
         if not ema and "current_model_state" not in ckpt:
             log.warning("%s holds no separate raw weights (trained without EMA); using its state_dict", path)

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import ldm.utils.config  # noqa: F401  (registers the resolvers the configs use)
+from ldm.callbacks.export import FitClock
 from ldm.utils.allocator import apply_policy
 
 log = logging.getLogger(__name__)
@@ -47,23 +48,37 @@ def check_free_space(folder: str | Path, key: str, min_free_mb: int) -> None:
                       "and logs (set min_free_mb=... to change the threshold)")
 
 
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The most recently written complete checkpoint under ``folder`` (``*.ckpt``; a save in progress is a
+    ``.tmp`` file, so never picked), or None."""
+    found = [p for p in folder.glob("**/checkpoints/*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def remove_stale_temp_files(checkpoint_dir: Path) -> None:
+    """Delete partial saves a killed run left behind (``.<name>.<pid>.tmp`` of AtomicCheckpointIO)."""
+    for tmp in checkpoint_dir.glob(".*.tmp"):
+        log.info("removing %s (a save interrupted by a killed run)", tmp)
+        tmp.unlink(missing_ok=True)
+
+
 def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
-    """``last`` -> newest ``last.ckpt`` of this task's runs; a run folder -> its ``checkpoints/last.ckpt``."""
+    """``last`` -> the newest complete checkpoint of this task's runs; a run folder -> its newest checkpoint."""
     if ckpt_path in (None, ""):
         return None
     if ckpt_path == "last":
         runs = Path(cfg.paths.log_dir) / cfg.task_name
-        found = sorted(runs.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"ckpt_path=last: no last.ckpt under {runs}; train once without ckpt_path")
-        log.info("resuming from %s", found[-1])
-        return str(found[-1])
-    path = Path(ckpt_path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
-    return str(path)
+        found = newest_checkpoint(runs)
+        if found is None:
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoint under {runs}; train once without ckpt_path")
+    else:
+        path = Path(ckpt_path)
+        found = newest_checkpoint(path) if path.is_dir() else path
+        if found is None or not found.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {found or path / 'checkpoints'}")
+    remove_stale_temp_files(found.parent)
+    log.info("resuming from %s", found)
+    return str(found)
 
 
 WANDB_ID_FILE = "wandb_id.txt"
@@ -138,6 +153,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build(cfg.model)
     model.run_config = run_config
     callbacks = _instantiate_dict(cfg.get("callbacks"))
+    for callback in callbacks:  # exports are written when training ends: prove now that they can be
+        if isinstance(callback, FitClock):
+            check_writable(callback.dirpath.parent, "paths.export_dir")
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.get("scale_lr"):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ldm.callbacks.ema import EMA
 from ldm.checkpoints import FIRST_STAGE, export_folder
@@ -68,6 +70,22 @@ class FitClock(L.Callback):
         return {"global_step": trainer.global_step, "world_size": trainer.world_size, "fit_images": images,
                 "fit_seconds": round(seconds, 1)}
 
+    def export_keeping_the_run(self, trainer: L.Trainer, write: Callable[[], None]) -> None:
+        """Run ``write`` (rank 0's export); if it fails, first make sure the trained state is on disk as a
+        checkpoint, then stop with an error saying where it is and how to export it again."""
+        try:
+            write()
+        except Exception as err:
+            ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath),
+                        None)
+            path = Path(ckpt.dirpath if ckpt is not None else trainer.default_root_dir) / "last.ckpt"
+            trainer.save_checkpoint(path)
+            raise RuntimeError(
+                f"export to {self.dirpath} failed ({type(err).__name__}: {err}). Nothing is lost: the trained state "
+                f"is in {path}. Export it again by resuming from it (training ends at once, then exports): "
+                f"python train.py <the same overrides> ckpt_path={path} paths.export_dir=<a writable folder>"
+            ) from err
+
 
 class ExportFirstStage(FitClock):
     """On ``on_train_end``: measure latent statistics of posterior samples on ``stats_batches``
@@ -112,7 +130,8 @@ class ExportFirstStage(FitClock):
                                    "(set by ldm.training.train) to write a rebuildable config.yaml")
             metadata = {"downsampling_factor": ae.downsampling_factor, "embed_dim": ae.embed_dim,
                         "resolution": ae.resolution, "latent_stats": stats} | fit
-            export_folder(self.dirpath, ae, FIRST_STAGE, model_config, metadata, run_config)
+            self.export_keeping_the_run(
+                trainer, lambda: export_folder(self.dirpath, ae, FIRST_STAGE, model_config, metadata, run_config))
             log.info("first stage (f=%d, %d latent channels) exported to %s; latent std per channel %s",
                      ae.downsampling_factor, ae.embed_dim, self.dirpath,
                      [round(s, 3) for s in stats["std"]])
@@ -136,7 +155,8 @@ class ExportPipeline(FitClock):
             source = averaged_or(trainer, pl_module)
             pipe = source.pipeline()
             pipe.config = (pl_module.run_config or {}).get("model", pipe.config)
-            pipe.save_pretrained(self.dirpath, pl_module.run_config, metadata=fit)
+            self.export_keeping_the_run(
+                trainer, lambda: pipe.save_pretrained(self.dirpath, pl_module.run_config, metadata=fit))
             log.info("latent diffusion model (%s weights) exported to %s", "EMA" if source is not pl_module else "raw",
                      self.dirpath)
         trainer.strategy.barrier("export_pipeline")

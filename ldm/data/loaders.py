@@ -124,11 +124,14 @@ class ShardData:
         counter = self.train_counter
         batches = max(1, self.samples_per_epoch // (self.batch_size * world))
         per_worker = math.ceil(batches / max(1, self.num_workers))
+        # Shard draws and the shuffle buffer are seeded from torch's seed (the run's `seed`), per rank, worker
+        # and epoch: the same seed gives the same data order.
+        seed = torch.initial_seed() % 2**31
         dataset = (
             wds.DataPipeline(
-                wds.ResampledShards(urls),
+                wds.ResampledShards(urls, seed=seed, deterministic=True),
                 tar_samples(handler=counter),
-                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
+                wds.detshuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
                 wds.map(self._decoder(self.train_transform, counter, None), handler=counter),
                 wds.batched(self.batch_size, collation_fn=collate, partial=False),
             )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.loaders import ShardData
@@ -21,7 +24,13 @@ class WebDataModule(L.LightningDataModule):
         self.data = ShardData(**kwargs)
 
     def prepare_data(self) -> None:
-        self.data.prepare()
+        # Preparing (on first use only) must not move the run's random streams: a run that builds the data and
+        # one that finds it built draw the same noise, timesteps and dropout from the same seed.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            self.data.prepare()
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
     def _world(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -88,12 +90,19 @@ def ddp_find_unused_parameters(model_target: str | None) -> bool:
     return bool(getattr(get_class(model_target), "ddp_find_unused_parameters", False))
 
 
+@functools.cache
+def run_token() -> str:
+    """Six hex digits drawn once per process: run folders of runs started in the same second stay apart."""
+    return secrets.token_hex(3)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ldm.num_workers", auto_num_workers, replace=True)
     OmegaConf.register_new_resolver("ldm.compile", auto_compile, replace=True)
     OmegaConf.register_new_resolver("ldm.per_device", per_device, replace=True)
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
+    OmegaConf.register_new_resolver("ldm.run_token", run_token, replace=True)
     OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
     OmegaConf.register_new_resolver("ldm.class_prompts", class_prompts, replace=True)
     OmegaConf.register_new_resolver("ldm.ddp_find_unused", ddp_find_unused_parameters, replace=True)

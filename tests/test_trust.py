@@ -1,0 +1,144 @@
+"""Loaded artifacts run no code; damaged weight files are errors naming the file."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoints import CONFIG, WEIGHTS, check_targets, load_first_stage, read_state_dict
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.training import build
+
+
+def test_a_crafted_export_config_cannot_write_files(export_dir, tmp_path):
+    folder = tmp_path / "ae_f8"
+    shutil.copytree(export_dir / "ae_f8", folder)
+    victim = tmp_path / "copied"
+    cfg = OmegaConf.load(folder / CONFIG)
+    cfg.model = {"_target_": "shutil.copyfile", "src": str(folder / CONFIG), "dst": str(victim)}
+    OmegaConf.save(cfg, folder / CONFIG)
+    with pytest.raises(ValueError, match=rf"{folder / CONFIG}: refusing to build 'shutil.copyfile' \(at the top"):
+        load_first_stage(folder)
+    assert not victim.exists()
+
+
+def test_a_crafted_checkpoint_config_cannot_open_files(make_ldm_cfg, tmp_path):
+    victim = tmp_path / "created_by_the_checkpoint"
+    model_cfg = OmegaConf.to_container(make_ldm_cfg("ldm_f8").model, resolve=True)
+    model_cfg["schedule"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "ldm_config": {"model": model_cfg}}, path)  # loads with weights_only=True
+    with pytest.raises(ValueError, match=r"crafted\.ckpt: refusing to build 'builtins.open'"):
+        LatentDiffusionPipeline.from_pretrained(path)
+    assert not victim.exists()
+
+
+def test_trusted_targets_are_framework_classes_only():
+    check_targets({"_target_": "ldm.networks.unet.UNet", "x": [{"_target_": "ldm.conditioning.ClassEmbedder"}]}, "f")
+    for target in ("ldm.latent_cache.prepare_latent_cache", "ldm.networks.unet.timestep_embedding", "os.system",
+                   "ldm.networks.nonexistent.Thing"):
+        with pytest.raises(ValueError, match=rf"f: refusing to build '{target}' \(at a\[0\]\._target_\)"):
+            check_targets({"a": [{"_target_": target}]}, "f")
+
+
+def test_the_framework_own_exports_still_load(make_ldm_cfg, export_dir, tmp_path):
+    stage = build(make_ldm_cfg("ldm_f8").model)
+    pipe = stage.pipeline()
+    pipe.config = OmegaConf.to_container(make_ldm_cfg("ldm_f8").model, resolve=True)
+    pipe.save_pretrained(tmp_path / "ldm")
+    assert LatentDiffusionPipeline.from_pretrained(tmp_path / "ldm").unet is not None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "huge header"])
+def test_damaged_safetensors_name_the_file(export_dir, tmp_path, damage):
+    folder = tmp_path / "ae_f8"
+    shutil.copytree(export_dir / "ae_f8", folder)
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[:len(data) // 2] if damage == "truncated" else (2**40).to_bytes(8, "little")
+                                   + data[8:])
+    with pytest.raises(ValueError, match=rf"{folder / WEIGHTS} is not a readable safetensors file"):
+        load_first_stage(folder)
+    with pytest.raises(ValueError, match=rf"{folder / WEIGHTS} is not a readable safetensors file"):
+        read_state_dict(folder / WEIGHTS)
+
+
+def test_an_export_folder_that_cannot_be_written_fails_before_training(make_cfg, tmp_path):
+    from ldm.training import train
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = make_cfg("ae_f8", "trainer.max_steps=2", f"paths.export_dir={blocker}")
+    with pytest.raises(OSError, match=r"paths.export_dir=.*a_file is not writable"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before any training
+
+
+def test_a_failed_export_keeps_the_trained_state_and_says_how_to_export_again(make_cfg, monkeypatch):
+    from ldm.callbacks import export
+    from ldm.training import train
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "export_folder", broken)
+    cfg = make_cfg("ae_f8", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=1000")
+    with pytest.raises(RuntimeError, match=r"export to .*ae_f8 failed \(OSError.*No space left.*the trained state is "
+                                           r"in .*last\.ckpt.*ckpt_path="):
+        train(cfg)
+    ckpt = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+
+
+def test_processes_started_together_get_their_own_run_folders():
+    import subprocess
+    import sys
+
+    code = "from ldm.utils.config import run_token; print(run_token(), run_token())"
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(2)]
+    assert outs[0][0] == outs[0][1] and outs[1][0] == outs[1][1]  # one token per process
+    assert outs[0][0] != outs[1][0]
+    from tests.conftest import ROOT
+
+    assert "${ldm.run_token:}" in (ROOT / "configs/hydra/default.yaml").read_text()
+
+
+def test_resume_picks_the_newest_complete_checkpoint_and_clears_stale_temp_files(tmp_path):
+    import os
+
+    from ldm.training import resolve_ckpt_path
+
+    runs = tmp_path / "logs" / "ae_f8" / "runs"
+    old, new = runs / "a" / "checkpoints", runs / "b" / "checkpoints"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+    (old / "last.ckpt").write_bytes(b"old")
+    (new / "step0000040.ckpt").write_bytes(b"newer")
+    (new / ".last.ckpt.12345.tmp").write_bytes(b"half a save")
+    os.utime(old / "last.ckpt", ns=(1_000_000_000, 1_000_000_000))
+    cfg = OmegaConf.create({"paths": {"log_dir": str(tmp_path / "logs")}, "task_name": "ae_f8"})
+    assert resolve_ckpt_path("last", cfg) == str(new / "step0000040.ckpt")
+    assert not (new / ".last.ckpt.12345.tmp").exists()
+    assert resolve_ckpt_path(str(runs / "a"), cfg) == str(old / "last.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*nowhere: no checkpoint"):
+        resolve_ckpt_path(str(tmp_path / "nowhere"), cfg)
+
+
+def test_the_same_seed_gives_the_same_first_losses_in_both_stages(make_cfg, make_ldm_cfg, tmp_path):
+    import csv
+
+    from ldm.training import train
+
+    for make, experiment, column in ((make_cfg, "ae_f8", "train/rec_loss"), (make_ldm_cfg, "ldm_f8", "train/loss")):
+        losses = []
+        for run in ("one", "two"):
+            cfg = make(experiment, "trainer.max_steps=6", "seed=7", f"paths.output_dir={tmp_path}/{experiment}_{run}",
+                       "callbacks.export_first_stage=null" if experiment == "ae_f8" else "callbacks.export_pipeline=null",
+                       "data.shuffle_buffer=48")
+            train(cfg)
+            rows = csv.DictReader(open(f"{cfg.paths.output_dir}/csv/metrics.csv"))
+            losses.append([r[column] for r in rows if r.get(column)])
+        assert len(losses[0]) >= 3 and losses[0] == losses[1], experiment
