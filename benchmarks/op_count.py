@@ -22,12 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_smoke_arg, markdown_table, native_bf16, smoke_dir, write_result  # noqa: E402
-from train_step import AE, UNET, unet_loss, vae_loss  # noqa: E402
+from train_step import twin_networks, unet_loss, vae_loss  # noqa: E402
 
-from ldm.interop.diffusers import save_diffusers_folder  # noqa: E402
-from ldm.networks.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.networks.device_paths import plain_paths  # noqa: E402
-from ldm.networks.unet import UNet  # noqa: E402
 from ldm.utils.dispatch_count import OpCounter  # noqa: E402
 
 
@@ -50,16 +47,8 @@ def main() -> None:
     add_smoke_arg(parser)
     args = parser.parse_args()
     smoke = smoke_dir(args)
-    from diffusers import AutoencoderKL as DiffusersVAE
-    from diffusers import UNet2DConditionModel
-
-    tmp = (smoke or Path("/tmp")) / "ldm_bench_models"
     unet_batch, ae_batch = (2, 2) if smoke else (32, 16)
-    torch.manual_seed(0)
-    ours_unet = UNet(**UNET)
-    theirs_unet = UNet2DConditionModel.from_pretrained(save_diffusers_folder(ours_unet, tmp / "unet"))
-    ours_vae = AutoencoderKL(**AE)
-    theirs_vae = DiffusersVAE.from_pretrained(save_diffusers_folder(ours_vae, tmp / "vae"))
+    ours_unet, theirs_unet, ours_vae, theirs_vae = twin_networks((smoke or Path("/tmp")) / "ldm_bench_models")
     unet_in = (torch.randn(unet_batch, 4, 8, 8), torch.randint(0, 1000, (unet_batch,)),
                torch.randn(unet_batch, 77, 128))
     vae_in = (torch.rand(ae_batch, 3, 64, 64) * 2 - 1,)

@@ -80,6 +80,22 @@ def vae_loss(model, diffusers: bool, x):
     return (rec.float() - x).abs().mean() + 1e-6 * post.kl().float().mean()
 
 
+def twin_networks(folder: Path) -> tuple:
+    """(our U-Net, diffusers' twin, our autoencoder, diffusers' twin): the demo networks with the same weights
+    (seed 0), the diffusers models converted through ``folder``; parameter counts asserted equal."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    ours_unet = UNet(**UNET)
+    theirs_unet = UNet2DConditionModel.from_pretrained(save_diffusers_folder(ours_unet, folder / "unet"))
+    ours_vae = AutoencoderKL(**AE)
+    theirs_vae = DiffusersVAE.from_pretrained(save_diffusers_folder(ours_vae, folder / "vae"))
+    for a, b in ((ours_unet, theirs_unet), (ours_vae, theirs_vae)):
+        assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    return ours_unet, theirs_unet, ours_vae, theirs_vae
+
+
 def train_step(loss_fn, model, diffusers: bool, inputs, opt, autocast):
     """Forward (``loss_fn``, possibly compiled) + backward + optimiser step."""
     with autocast:
@@ -105,21 +121,11 @@ def main() -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.fx_graph_cache = False
-    from diffusers import AutoencoderKL as DiffusersVAE
-    from diffusers import UNet2DConditionModel
-
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     precisions = ["fp32"] + (["bf16-mixed"] if native_bf16() else [])
-    tmp = (smoke or Path("/tmp")) / "ldm_bench_models"
     unet_batch, ae_batch = (2, 2) if smoke else (32, 16)
-    torch.manual_seed(0)
-    ours_unet = UNet(**UNET)
-    theirs_unet = UNet2DConditionModel.from_pretrained(save_diffusers_folder(ours_unet, tmp / "unet"))
-    ours_vae = AutoencoderKL(**AE)
-    theirs_vae = DiffusersVAE.from_pretrained(save_diffusers_folder(ours_vae, tmp / "vae"))
-    for a, b in ((ours_unet, theirs_unet), (ours_vae, theirs_vae)):
-        assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    ours_unet, theirs_unet, ours_vae, theirs_vae = twin_networks((smoke or Path("/tmp")) / "ldm_bench_models")
     x = torch.randn(unet_batch, 4, 8, 8, device=device)
     t = torch.randint(0, 1000, (unet_batch,), device=device)
     ctx = torch.randn(unet_batch, 77, 128, device=device)
