@@ -132,12 +132,12 @@ def test_the_same_seed_gives_the_same_first_losses_in_both_stages(make_cfg, make
 
     from ldm.training import train
 
-    for make, experiment, column in ((make_cfg, "ae_f8", "train/rec_loss"), (make_ldm_cfg, "ldm_f8", "train/loss")):
+    for make, experiment, column, export in ((make_cfg, "ae_f8", "train/rec_loss", "export_first_stage"),
+                                             (make_ldm_cfg, "ldm_f8", "train/loss", "export_pipeline")):
         losses = []
         for run in ("one", "two"):
             cfg = make(experiment, "trainer.max_steps=6", "seed=7", f"paths.output_dir={tmp_path}/{experiment}_{run}",
-                       "callbacks.export_first_stage=null" if experiment == "ae_f8" else "callbacks.export_pipeline=null",
-                       "data.shuffle_buffer=48")
+                       f"callbacks.{export}=null", "data.shuffle_buffer=48")
             train(cfg)
             rows = csv.DictReader(open(f"{cfg.paths.output_dir}/csv/metrics.csv"))
             losses.append([r[column] for r in rows if r.get(column)])
