@@ -32,6 +32,7 @@ from ldm.checkpoints import (
     read_export_config,
 )
 from ldm.conditioning.conditioner import Conditioner
+from ldm.data.decode import to_rgb
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.objectives import check_prediction, to_eps
 from ldm.diffusion.samplers import get_sampler, make_timesteps
@@ -60,7 +61,8 @@ def load_image(image: ImageInput, resolution: int, mode: str = "RGB") -> torch.T
         image = Image.open(image)
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    image = image.convert(mode).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    image = (to_rgb(image) if mode == "RGB" else image.convert(mode)).resize((resolution, resolution),
+                                                                             Image.Resampling.BICUBIC)
     arr = torch.from_numpy(np.array(image, dtype=np.float32))
     arr = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
     return (arr / 255.0 if mode == "L" else arr / 127.5 - 1.0)[None]

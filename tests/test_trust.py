@@ -142,3 +142,41 @@ def test_the_same_seed_gives_the_same_first_losses_in_both_stages(make_cfg, make
             rows = csv.DictReader(open(f"{cfg.paths.output_dir}/csv/metrics.csv"))
             losses.append([r[column] for r in rows if r.get(column)])
         assert len(losses[0]) >= 3 and losses[0] == losses[1], experiment
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA-transparent", "RGBA", "I;16", "RGB", "CMYK"])
+def test_images_of_every_common_mode_decode_to_the_right_rgb(mode, tmp_path):
+    """A mid-grey square with a transparent (where the mode has alpha) or black left half, saved as PNG (CMYK as
+    JPEG), decodes to grey on the right and white (transparent) or black on the left."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.data.decode import ImageTransform
+
+    size, grey = 16, 128
+    left_transparent = mode in ("LA", "PA-transparent", "RGBA")
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[:, size // 2:] = (grey, grey, grey, 255)
+    rgba[:, :size // 2, 3] = 0 if left_transparent else 255
+    base = Image.fromarray(rgba, "RGBA")
+    if mode == "I;16":  # a 16-bit greyscale PNG
+        image = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)
+    elif mode == "PA-transparent":
+        image = base.convert("P")
+        image.info["transparency"] = image.getpixel((0, 0))
+    elif mode == "1":
+        image = base.convert("L").point(lambda v: 255 if v > 64 else 0).convert("1")
+        grey = 255
+    else:
+        image = base if mode == "RGBA" else base.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG" if mode == "CMYK" else "PNG", **({"quality": 100} if mode == "CMYK" else {}))
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        im.load()
+        x = ImageTransform(size)(im, None)
+    pixels = ((x + 1) * 127.5).round()
+    right, left = pixels[:, :, size // 2 + 2:].mean().item(), pixels[:, :, :size // 2 - 2].mean().item()
+    assert abs(right - grey) <= 3, (mode, right)
+    assert abs(left - (255 if left_transparent else 0)) <= 3, (mode, left)

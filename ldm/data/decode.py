@@ -78,6 +78,24 @@ class SkipCounter:
         return True
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any common PNG/JPEG mode as 8-bit RGB: 16/32-bit integer greyscale scaled to 8 bits (not clipped, which
+    turns a 16-bit image almost white), float greyscale in [0, 1] scaled, transparency (RGBA, LA, PA, P with a
+    transparent colour) composited on white, 1-bit, L, P, CMYK and YCbCr converted."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+        else:
+            arr = arr / 257.0  # 0..65535 -> 0..255 (PNG greyscale deeper than 8 bits opens as I or I;16)
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 @dataclass
 class ImageTransform:
     """Resize (shorter side), centre/random crop, optional horizontal flip, scale to [-1, 1] CHW float."""
@@ -87,7 +105,7 @@ class ImageTransform:
     hflip: bool = False
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
         r = self.resolution
         if min(w, h) != r:

@@ -18,6 +18,8 @@ import webdataset as wds
 from PIL import Image
 from rich.progress import Progress
 
+from ldm.data.decode import to_rgb
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -78,7 +80,7 @@ def write_records(records: Iterable[dict], out_dir: str | Path, prefix: str, sam
 
 
 def sample_record(sample: Sample) -> dict:
-    record = {"__key__": sample.key, "png": encode_png(sample.image.convert("RGB"))}
+    record = {"__key__": sample.key, "png": encode_png(to_rgb(sample.image))}
     if sample.caption is not None:
         record["txt"] = sample.caption
     if sample.label is not None:
@@ -109,7 +111,7 @@ def _folder_samples(files: list[Path], root: Path, resolution: int | None, defau
         progress.advance(task)
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")
+                image = to_rgb(im)
         except (OSError, ValueError) as err:
             log.warning("skipping %s: not a readable image (%s)", path, err)
             continue
