@@ -30,9 +30,39 @@ CONFIG = "config.yaml"
 FIRST_STAGE = "first_stage"
 
 
+def _made_by(folder: Path) -> str | None:
+    """The run folder that wrote an export (its ``run_config.paths.output_dir``), when recorded."""
+    try:
+        return OmegaConf.load(folder / CONFIG).run_config.paths.output_dir
+    except Exception:  # noqa: BLE001 - no config, no record, or not ours: unknown
+        return None
+
+
+def _keep_other_runs_export(path: Path, run_config: dict | None) -> Path | None:
+    """An export made by another run is moved aside to ``<name>@<that run's folder name>`` (not replaced);
+    returns where it went, or None when the existing export is this run's own (a re-export replaces it)."""
+    ours = ((run_config or {}).get("paths") or {}).get("output_dir")
+    theirs = _made_by(path)
+    if theirs is not None and ours is not None and Path(theirs) == Path(ours):
+        return None
+    name = Path(theirs).name if theirs else f"unknown-{int(path.stat().st_mtime)}"
+    kept = path.with_name(f"{path.name}@{name}")
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.name}@{name}-{n}")
+    os.replace(path, kept)
+    log.warning("%s held the export of another run (%s): kept as %s; %s now holds this run's", path,
+                theirs or "unrecorded", kept, path)
+    return kept
+
+
 def export_folder(path: str | Path, model: nn.Module, kind: str, model_config: dict, metadata: dict,
                   run_config: dict | None = None) -> Path:
-    """Write ``path/{model.safetensors,config.yaml}`` atomically (a sibling temp dir, then rename)."""
+    """Write ``path/{model.safetensors,config.yaml}`` atomically (a sibling temp dir, then rename).
+
+    ``config.yaml`` records the run that made it (``run_config``); an export of another run found at ``path`` is
+    kept beside it as ``<name>@<its run folder>``, never silently replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -42,9 +72,11 @@ def export_folder(path: str | Path, model: nn.Module, kind: str, model_config: d
         doc = {"kind": kind, "model": model_config, "metadata": metadata, "run_config": run_config or {}}
         OmegaConf.save(OmegaConf.create(doc), tmp / CONFIG)
         if path.exists():
+            kept = _keep_other_runs_export(path, run_config)
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            if kept is None:
+                os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

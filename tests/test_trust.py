@@ -180,3 +180,19 @@ def test_images_of_every_common_mode_decode_to_the_right_rgb(mode, tmp_path):
     right, left = pixels[:, :, size // 2 + 2:].mean().item(), pixels[:, :, :size // 2 - 2].mean().item()
     assert abs(right - grey) <= 3, (mode, right)
     assert abs(left - (255 if left_transparent else 0)) <= 3, (mode, left)
+
+
+def test_a_later_run_keeps_the_earlier_runs_export_beside_its_own(make_cfg, tmp_path):
+    from ldm.training import train
+
+    exports = tmp_path / "exports"
+    runs = []
+    for name in ("run_a", "run_b"):
+        cfg = make_cfg("ae_f8", "trainer.max_steps=2", f"paths.output_dir={tmp_path}/{name}",
+                       f"paths.export_dir={exports}")
+        train(cfg)
+        runs.append(cfg.paths.output_dir)
+    assert OmegaConf.load(exports / "ae_f8" / CONFIG).run_config.paths.output_dir == runs[1]
+    kept = exports / "ae_f8@run_a"
+    assert OmegaConf.load(kept / CONFIG).run_config.paths.output_dir == runs[0]
+    assert load_first_stage(kept) is not None and load_first_stage(exports / "ae_f8") is not None
