@@ -56,7 +56,7 @@ def cache_build_rates(first_stage: str, image_shards: Path, out: Path, images: i
     import shutil
 
     from ldm.checkpoints import load_first_stage
-    from ldm.latent_cache import _Encoder, prepare_latent_cache, resolve_device
+    from ldm.latent_cache import PosteriorEncoder, prepare_latent_cache, resolve_device
 
     cfg = compose(["experiment=ldm_f8", f"model.first_stage={first_stage}"])
     batch, workers = cfg.data.prepare.batch_size, cfg.data.num_workers
@@ -68,7 +68,7 @@ def cache_build_rates(first_stage: str, image_shards: Path, out: Path, images: i
     if device.type == "cuda":
         torch.cuda.synchronize()
     build = images / (time.perf_counter() - start)
-    encode = _Encoder(load_first_stage(first_stage, device=device), device)
+    encode = PosteriorEncoder(load_first_stage(first_stage, device=device), device)
     x = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     forward = batch / median_seconds(lambda: (encode(x), sync()), 1, 3)

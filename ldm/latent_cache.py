@@ -9,6 +9,7 @@ rebuilt (or refused by the stage).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ import os
 import queue
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,12 +29,12 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoints import WEIGHTS, load_first_stage
 from ldm.data.loaders import ShardData
+from ldm.data.manifest import MANIFEST, read_manifest
 from ldm.data.shards import write_records
 from ldm.networks.autoencoder import DiagonalGaussian
 from ldm.utils.config import auto_precision
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 
 
 def weights_fingerprint(first_stage_dir: str | Path) -> str:
@@ -42,11 +44,6 @@ def weights_fingerprint(first_stage_dir: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def read_manifest(cache_dir: str | Path) -> dict | None:
-    path = Path(cache_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _records(batches: Iterator[tuple[np.ndarray, dict]]) -> Iterator[dict]:
@@ -68,7 +65,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class _Encoder:
+class PosteriorEncoder:
     """The frozen encoder's posterior (mean, std) of a batch of images, in bf16 where the device runs it natively
     (latents are stored in float16, so nothing kept is lost)."""
 
@@ -85,7 +82,7 @@ class _Encoder:
         return torch.cat([post.mean, post.std], dim=1).to(torch.float16)
 
 
-def _encode_split(loader, encode: _Encoder, out_dir: Path, split: str, samples_per_shard: int,
+def _encode_split(loader, encode: PosteriorEncoder, out_dir: Path, split: str, samples_per_shard: int,
                   expected: int | None) -> list[Path]:
     """Encode on the device while a writer thread serialises the previous batches into shards.
 
@@ -149,17 +146,35 @@ def prepare_latent_cache(first_stage: str | Path, splits: dict[str, str], out_di
     limits = {k: v for k, v in (limits or {}).items() if v is not None}
     out_dir = Path(out_dir)
     fingerprint = weights_fingerprint(first_stage)
-    manifest = read_manifest(out_dir)
-    if manifest is not None and manifest.get("first_stage_sha256") == fingerprint and \
-            set(manifest.get("splits", {})) >= set(splits) and manifest.get("limits", {}) == limits:
+
+    def current() -> bool:
+        manifest = read_manifest(out_dir)
+        return manifest is not None and manifest.get("first_stage_sha256") == fingerprint and \
+            set(manifest.get("splits", {})) >= set(splits) and manifest.get("limits", {}) == limits
+
+    if current():
         return out_dir
-    if manifest is not None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (another run may be building the same cache): wait for it, then look again.
+    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if current():
+            return out_dir
+        _build(first_stage, fingerprint, splits, out_dir, image_prepare, batch_size, samples_per_shard, num_workers,
+               device, limits)
+    return out_dir
+
+
+def _build(first_stage: str | Path, fingerprint: str, splits: dict[str, str], out_dir: Path,
+           image_prepare: Callable[[], object] | None, batch_size: int, samples_per_shard: int, num_workers: int,
+           device: str, limits: dict[str, int]) -> None:
+    if read_manifest(out_dir) is not None:
         log.warning("latent cache %s was made with another first stage or splits; rebuilding", out_dir)
     if image_prepare is not None:
         image_prepare()
     dev = resolve_device(device)
     ae = load_first_stage(first_stage, device=dev)
-    encode = _Encoder(ae, dev)
+    encode = PosteriorEncoder(ae, dev)
     built = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
     shutil.rmtree(built, ignore_errors=True)
     built.mkdir(parents=True)
@@ -174,11 +189,11 @@ def prepare_latent_cache(first_stage: str | Path, splits: dict[str, str], out_di
             counts[split] = {"shards": len(written), "skipped": dm.skipped()["val_skipped"]}
             log.info("latent cache %s: %d shards in %.1f s on %s%s", split, len(written), time.perf_counter() - start,
                      dev, "" if valid is None else f" ({valid} images)")
-        doc = {"first_stage": str(first_stage), "first_stage_sha256": fingerprint, "embed_dim": ae.embed_dim,
+        doc = {"build_id": uuid.uuid4().hex, "first_stage": str(first_stage), "first_stage_sha256": fingerprint,
+               "embed_dim": ae.embed_dim,
                "downsampling_factor": ae.downsampling_factor, "resolution": ae.resolution, "splits": counts,
                "limits": limits}
         (built / MANIFEST).write_text(json.dumps(doc, indent=2))
         _swap_into_place(built, out_dir)
     finally:
         shutil.rmtree(built, ignore_errors=True)
-    return out_dir

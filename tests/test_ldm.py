@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.latent_cache import read_manifest, weights_fingerprint
+from ldm.data.manifest import read_manifest
+from ldm.latent_cache import weights_fingerprint
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training import train
 from tests.conftest import ROOT, ldm_overrides

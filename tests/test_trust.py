@@ -196,3 +196,28 @@ def test_a_later_run_keeps_the_earlier_runs_export_beside_its_own(make_cfg, tmp_
     kept = exports / "ae_f8@run_a"
     assert OmegaConf.load(kept / CONFIG).run_config.paths.output_dir == runs[0]
     assert load_first_stage(kept) is not None and load_first_stage(exports / "ae_f8") is not None
+
+
+def test_a_cache_rebuilt_while_a_run_reads_it_stops_the_reader(make_ldm_cfg, export_dir):
+    from pathlib import Path
+
+    from ldm.data.fashion_mnist import prepare
+    from ldm.data.loaders import ShardData
+    from ldm.data.manifest import CacheReplacedError
+    from ldm.latent_cache import prepare_latent_cache
+
+    cfg = make_ldm_cfg("ldm_f8")
+    prep = cfg.data.prepare
+    prepare(prep.image_prepare.out_dir, resolution=32, samples_per_shard=24, limit=96)
+    out = Path(prep.out_dir).parent / "swapped"
+    splits = {"val": prep.splits.val}
+    prepare_latent_cache(export_dir / "ae_f8", splits, out, num_workers=0, samples_per_shard=24)
+    assert len(list((out / "val").glob("*.tar"))) == 4 and not list(out.parent.glob(".swapped.building-*"))
+    data = ShardData(train_shards=str(out / "val"), val_shards=str(out / "val"), kind="latent", val_batch_size=8,
+                     num_workers=0, required_keys=("caption", "class_label"))
+    batches = iter(data.val_dataloader())
+    assert next(batches)["latent"].shape[1] == 8  # ae_f8: mean and std of 4 channels
+    prepare_latent_cache(export_dir / "ae_f4", splits, out, num_workers=0, samples_per_shard=24)  # another run
+    with pytest.raises(CacheReplacedError, match=r"swapped was rebuilt while this run was reading it"):
+        for _ in batches:
+            pass

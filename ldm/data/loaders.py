@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -20,6 +21,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from ldm.data.decode import ImageTransform, SampleDecoder, SkipCounter
+from ldm.data.manifest import manifest_folder, read_manifest, same_build
 from ldm.data.tar_reader import tar_samples
 from ldm.utils.checks import require_int
 
@@ -115,6 +117,18 @@ class ShardData:
         if self.prepare_fn is not None:
             self.prepare_fn()
 
+    @staticmethod
+    def _shard_list(urls: list[str], spec: Any, resampled: bool = False, seed: int = 0) -> list:
+        """The pipeline's shard stages; shards of a folder with a manifest (the latent cache) are checked to be
+        of the build that was there when this loader was made (``ldm.data.manifest.same_build``)."""
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled
+                  else wds.SimpleShardList(urls)]
+        folder = manifest_folder(spec)
+        build_id = (read_manifest(folder) or {}).get("build_id") if folder is not None else None
+        if build_id is not None:
+            stages.append(wds.pipelinefilter(same_build)(folder, build_id))
+        return stages
+
     def _decoder(self, transform: ImageTransform, counter: SkipCounter, seed: int | None) -> SampleDecoder:
         required = tuple(k for k in self.required_keys if k != "image") if self.kind == "latent" else self.required_keys
         return SampleDecoder(transform, counter, self.caption_key, self.label_key, required, seed, self.kind)
@@ -129,7 +143,7 @@ class ShardData:
         seed = torch.initial_seed() % 2**31
         dataset = (
             wds.DataPipeline(
-                wds.ResampledShards(urls, seed=seed, deterministic=True),
+                *self._shard_list(urls, self.train_spec, resampled=True, seed=seed),
                 tar_samples(handler=counter),
                 wds.detshuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
                 wds.map(self._decoder(self.train_transform, counter, None), handler=counter),
@@ -152,9 +166,9 @@ class ShardData:
         by_shard = len(urls) >= world * max(1, self.num_workers)
         reader = tar_samples(handler=self.val_counter)
         if by_shard:
-            stages = [wds.SimpleShardList(urls[rank::world]), wds.split_by_worker, reader]
+            stages = [*self._shard_list(urls[rank::world], self.val_spec), wds.split_by_worker, reader]
         else:
-            stages = [wds.SimpleShardList(urls), reader, _samples_of_slot(world, rank)]
+            stages = [*self._shard_list(urls, self.val_spec), reader, _samples_of_slot(world, rank)]
         stages.append(wds.map(self._decoder(self.val_transform, self.val_counter, 0), handler=self.val_counter))
         if self.val_limit is not None:
             # Per slot (rounded up, so that no slot goes without): the same samples in every validation.

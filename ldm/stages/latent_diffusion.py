@@ -14,10 +14,11 @@ from torchmetrics.aggregation import MeanMetric
 
 from ldm.checkpoints import load_first_stage
 from ldm.conditioning.conditioner import Conditioner
+from ldm.data.manifest import MANIFEST, manifest_folder, read_manifest
 from ldm.diffusion.objectives import check_prediction, diffusion_loss, min_snr_weight, training_target
 from ldm.diffusion.samplers import get_sampler, make_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.latent_cache import MANIFEST, read_manifest, weights_fingerprint
+from ldm.latent_cache import weights_fingerprint
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
@@ -113,8 +114,8 @@ class LatentDiffusionStage(L.LightningModule):
         """Refuse a latent cache written by another first stage (its manifest names the weights' SHA-256)."""
         if self.first_stage_path is None or not isinstance(shards, str | Path):
             return
-        spec = Path(str(shards).split("{")[0])
-        manifest = next((m for m in (read_manifest(d) for d in (spec, spec.parent, spec.parent.parent)) if m), None)
+        folder = manifest_folder(shards)
+        manifest = read_manifest(folder) if folder is not None else None
         if manifest is None:
             log.warning("no %s next to %s: cannot verify the latent cache was made by %s", MANIFEST, shards,
                         self.first_stage_path)

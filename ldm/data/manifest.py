@@ -1,0 +1,49 @@
+"""The manifest of a derived shard folder (the latent cache): what made it, and which build it is.
+
+``manifest.json`` sits in the folder that holds the split folders (``<cache>/train``, ``<cache>/val``). Each
+build writes a fresh ``build_id``; a reader that remembers the id it started with can tell when the folder
+was rebuilt underneath it (by another run) and stop instead of mixing shards of two builds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def manifest_folder(shards: Any) -> Path | None:
+    """The folder holding the manifest of a shard spec (a split folder or brace pattern inside a cache), or None."""
+    if not isinstance(shards, str | Path):
+        return None
+    spec = Path(str(shards).split("{")[0])
+    return next((d for d in (spec, spec.parent, spec.parent.parent) if (d / MANIFEST).is_file()), None)
+
+
+class CacheReplacedError(RuntimeError):
+    """The shard folder was rebuilt while this run was reading it."""
+
+
+def same_build(urls: Iterator[dict], folder: Path, build_id: str) -> Iterator[dict]:
+    """A pipeline stage over shard url dicts: before each shard is opened, check that ``folder`` still holds
+    the build that was there when reading began."""
+    for item in urls:
+        now = (read_manifest(folder) or {}).get("build_id")
+        if now != build_id:
+            raise CacheReplacedError(
+                f"{folder} was rebuilt while this run was reading it (build {build_id} -> {now or 'none'}, e.g. by "
+                "another run with another first stage): stopping rather than mixing latents of two first stages. "
+                "Give each first stage its own cache folder (data.prepare.out_dir=...) and resume with "
+                "ckpt_path=last")
+        yield item
