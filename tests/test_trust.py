@@ -221,3 +221,35 @@ def test_a_cache_rebuilt_while_a_run_reads_it_stops_the_reader(make_ldm_cfg, exp
     with pytest.raises(CacheReplacedError, match=r"swapped was rebuilt while this run was reading it"):
         for _ in batches:
             pass
+
+
+def test_shards_shorter_than_recorded_or_empty_are_warned_about_and_counted(tmp_path, caplog):
+    import tarfile
+
+    from ldm.data.loaders import ShardData
+    from ldm.data.shards import write_records
+
+    records = [{"__key__": f"s{i:03d}", "txt": f"caption {i}", "cls": str(i % 10),
+                "latent.npy": _npy(torch.zeros(8, 4, 4))} for i in range(30)]
+    shards = write_records(records, tmp_path, "val", samples_per_shard=10)
+    assert [p.name for p in shards] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    members = tarfile.open(shards[0]).getmembers()
+    cut = next(m for m in members if m.name.startswith("s009"))  # the last sample's first member
+    shards[0].write_bytes(shards[0].read_bytes()[:cut.offset] + b"\0" * 1024)  # a tail cut at a member boundary
+    shards[1].write_bytes(b"")  # emptied
+    data = ShardData(train_shards=str(tmp_path), val_shards=str(tmp_path), kind="latent", val_batch_size=64,
+                     num_workers=0, required_keys=("caption", "class_label"))
+    seen = sum(len(b["latent"]) for b in data.val_dataloader())
+    assert seen == 9 + 0 + 10
+    assert data.skipped()["val_skipped"] == 2
+    assert "val-000000.tar" in caplog.text and "val-000001.tar" in caplog.text and "recorded 10" in caplog.text
+
+
+def _npy(t: torch.Tensor) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, t.numpy().astype(np.float16), allow_pickle=False)
+    return buf.getvalue()

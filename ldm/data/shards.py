@@ -7,6 +7,7 @@ never leaves a truncated ``.tar`` that readers would pick up.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from PIL import Image
 from rich.progress import Progress
 
 from ldm.data.decode import to_rgb
+from ldm.data.tar_reader import SHARD_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ def write_records(records: Iterable[dict], out_dir: str | Path, prefix: str, sam
     writer: wds.TarWriter | None = None
     tmp: Path | None = None
     count = 0
+    counts: dict[str, int] = {}
 
     def close() -> None:
         nonlocal writer
@@ -59,6 +62,8 @@ def write_records(records: Iterable[dict], out_dir: str | Path, prefix: str, sam
             final = tmp.with_suffix("")
             os.replace(tmp, final)
             written.append(final)
+            counts[final.name] = count - samples_per_shard * (len(written) - 1)
+            record_counts(out_dir, counts)
             writer = None
 
     try:
@@ -77,6 +82,18 @@ def write_records(records: Iterable[dict], out_dir: str | Path, prefix: str, sam
             writer.close()
             tmp.unlink(missing_ok=True)
     return written
+
+
+def record_counts(out_dir: Path, counts: dict[str, int]) -> None:
+    """Merge ``{shard name: samples}`` into the folder's shard index (readers warn about shards holding fewer)."""
+    index = out_dir / SHARD_INDEX
+    try:
+        merged = json.loads(index.read_text()) | counts
+    except (OSError, ValueError):
+        merged = dict(counts)
+    tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
+    os.replace(tmp, index)
 
 
 def sample_record(sample: Sample) -> dict:

@@ -11,13 +11,19 @@ from that header on, so every tar that ``tarfile`` reads is still read.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, url_opener
+
+# Per split folder: {shard file name: samples written}, kept by ldm.data.shards.write_records.
+SHARD_INDEX = "shards.json"
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")
@@ -92,17 +98,55 @@ def _with_tarfile(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         archive.members = []  # a stream of unknown length: keep no index
 
 
+class IncompleteShard(ValueError):
+    """A shard held fewer samples than its writer recorded (or none at all)."""
+
+
+def recorded_count(url: str) -> int | None:
+    """The sample count the framework's writer recorded for a local shard (``shards.json`` beside it), or None."""
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    index = Path(url).parent / SHARD_INDEX
+    try:
+        stamp = index.stat().st_mtime_ns
+    except OSError:
+        return None
+    return _index(str(index), stamp).get(Path(url).name)
+
+
+@functools.lru_cache(maxsize=64)
+def _index(path: str, stamp: int) -> dict[str, int]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _sample_key(name: str) -> str:
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{base.split('.', 1)[0]}"
+
+
 def expand_tars(sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """Opened shard streams -> member dicts ``{"fname", "data", "__url__"}``, ``{}`` after each shard
-    (so that ``group_by_keys`` never joins samples across shards), as ``webdataset.tar_file_expander``."""
+    (so that ``group_by_keys`` never joins samples across shards), as ``webdataset.tar_file_expander``.
+
+    A shard that ends with fewer samples than its writer recorded (a tail cut at a member boundary), or with
+    none at all (an empty or zero-byte file), goes to the handler as :class:`IncompleteShard` (warned, counted)."""
     for source in sources:
         url = source["url"]
+        keys: set[str] = set()
         try:
             for name, data in iter_members(source["stream"]):
                 if META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
                     continue
+                keys.add(_sample_key(name))
                 yield {"fname": name, "data": data, "__url__": url}
             yield {}
+            expected = recorded_count(url)
+            if not keys or (expected is not None and len(keys) < expected):
+                raise IncompleteShard(f"shard holds {len(keys)} samples, its writer recorded "
+                                      f"{expected if expected is not None else 'some'}: truncated or emptied")
         except Exception as err:  # noqa: BLE001 - the handler decides (count and skip, or raise)
             err.args = (f"{err.args[0] if err.args else err!r} @ {url}", *err.args[1:])
             if not handler(err):
