@@ -253,3 +253,36 @@ def _npy(t: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     np.save(buf, t.numpy().astype(np.float16), allow_pickle=False)
     return buf.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("validation", ["+trainer.limit_val_batches=0", "data.val_limit=8"])
+def test_a_killed_and_resumed_run_matches_an_unbroken_one(make_ldm_cfg, tmp_path, validation):
+    """Resumed from the checkpoints an unbroken run wrote at an epoch boundary (4 batches per epoch) and mid-epoch
+    (what a killed run leaves): weights, EMA and its count, optimiser and LR state equal the unbroken run's at its
+    end (RNG states and the data position come from the checkpoint)."""
+    from ldm.training import train
+
+    common = ["trainer.max_steps=10", "data.samples_per_epoch=16", "data.shuffle_buffer=48",
+              "callbacks.export_pipeline=null", "callbacks.image_logger=null", validation,
+              "model.conditioner.embedders.0.ucg_rate=0.3"]
+
+    def run(name: str, *extra: str) -> dict:
+        train(make_ldm_cfg("ldm_f8", f"paths.output_dir={tmp_path}/{name}", *common, *extra))
+        return torch.load(f"{tmp_path}/{name}/checkpoints/last.ckpt", weights_only=True)
+
+    unbroken = run("unbroken", "callbacks.model_checkpoint.every_n_train_steps=2",
+                   "callbacks.model_checkpoint.save_top_k=-1")
+    for stop_at in (4, 6):
+        resumed = run(f"resumed_{stop_at}", f"ckpt_path={tmp_path}/unbroken/checkpoints/step{stop_at:07d}.ckpt")
+        assert resumed["global_step"] == unbroken["global_step"] == 10
+        for key in ("current_model_state", "state_dict"):  # raw weights, EMA weights
+            for name, value in unbroken[key].items():
+                torch.testing.assert_close(resumed[key][name], value, msg=f"stop at {stop_at}: {key} {name}")
+        assert int(resumed["averaging_state"]["n_averaged"]) == int(unbroken["averaging_state"]["n_averaged"])
+        (opt_a,), (opt_b,) = unbroken["optimizer_states"], resumed["optimizer_states"]
+        for idx, state in opt_a["state"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(opt_b["state"][idx][name], value, msg=f"optimiser {idx} {name}")
+        assert opt_b["param_groups"][0]["lr"] == pytest.approx(opt_a["param_groups"][0]["lr"])
+        assert resumed["lr_schedulers"] == unbroken["lr_schedulers"]

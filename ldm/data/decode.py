@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,16 @@ class SampleDecoder:
         self.caption_key = caption_key
         self.label_key = label_key
         self.required = tuple(required)
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self._rng: random.Random | None = None
+
+    @property
+    def rng(self) -> random.Random:
+        """Augmentation draws: seeded per (rank, worker) from ``seed`` when given (made where it is used)."""
+        if self._rng is None:
+            worker = wds.utils.pytorch_worker_seed()
+            self._rng = random.Random(None if self.seed is None else self.seed * 100_003 + worker)
+        return self._rng
 
     def _image(self, raw: dict, where: str) -> torch.Tensor:
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)

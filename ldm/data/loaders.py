@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ldm.data.decode import ImageTransform, SampleDecoder, SkipCounter
 from ldm.data.manifest import manifest_folder, read_manifest, same_build
@@ -50,6 +50,36 @@ def expand_urls(spec: str | Sequence[str], name: str = "shards") -> list[str]:
     if missing:
         raise FileNotFoundError(f"{name}: {len(missing)} shard(s) do not exist, e.g. {missing[:3]}")
     return urls
+
+
+class ResumableStream(IterableDataset):
+    """A training pipeline that a resumed run can put back where an unbroken run would be.
+
+    ``set_position(epoch, done)`` (before the epoch's iteration starts) sets the epoch counters of the seeded
+    stages (shard draws, shuffle), which count iterations, and skips the ``done`` batches of that epoch once:
+    the DataLoader takes batch i from worker i mod W, so each worker skips its share.
+    """
+
+    def __init__(self, pipeline: wds.DataPipeline):
+        super().__init__()
+        self.pipeline = pipeline
+        self.skip = 0
+
+    def set_position(self, epoch: int, done: int) -> None:
+        for stage in self.pipeline.pipeline:
+            if hasattr(stage, "epoch"):  # ResampledShards, detshuffle: incremented at the start of an iteration
+                stage.epoch = epoch - 1
+        self.skip = done
+
+    def __iter__(self):
+        stream = iter(self.pipeline)
+        if self.skip:
+            info = get_worker_info()
+            worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+            for _ in itertools.islice(stream, len(range(worker, self.skip, workers))):
+                pass
+            self.skip = 0
+        yield from stream
 
 
 def collate(samples: list[dict]) -> dict:
@@ -111,6 +141,7 @@ class ShardData:
         self.train_transform = ImageTransform(resolution, random_crop=random_crop, hflip=hflip)
         self.val_transform = ImageTransform(resolution)
         self.train_counter = SkipCounter(max_consecutive_errors)
+        self._train_stream: ResumableStream | None = None
         self.val_counter = SkipCounter(max_consecutive_errors)
 
     def prepare(self) -> None:
@@ -133,26 +164,40 @@ class ShardData:
         required = tuple(k for k in self.required_keys if k != "image") if self.kind == "latent" else self.required_keys
         return SampleDecoder(transform, counter, self.caption_key, self.label_key, required, seed, self.kind)
 
+    def batches_per_epoch(self, world: int = 1) -> int:
+        """Training batches one rank reads per epoch (every worker reads its equal share)."""
+        batches = max(1, self.samples_per_epoch // (self.batch_size * world))
+        return math.ceil(batches / max(1, self.num_workers)) * max(1, self.num_workers)
+
     def train_dataloader(self, world: int = 1) -> DataLoader:
         urls = expand_urls(self.train_spec, "data.train_shards")
         counter = self.train_counter
-        batches = max(1, self.samples_per_epoch // (self.batch_size * world))
-        per_worker = math.ceil(batches / max(1, self.num_workers))
+        per_worker = self.batches_per_epoch(world) // max(1, self.num_workers)
         # Shard draws and the shuffle buffer are seeded from torch's seed (the run's `seed`), per rank, worker
         # and epoch: the same seed gives the same data order.
         seed = torch.initial_seed() % 2**31
-        dataset = (
+        pipeline = (
             wds.DataPipeline(
                 *self._shard_list(urls, self.train_spec, resampled=True, seed=seed),
                 tar_samples(handler=counter),
                 wds.detshuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
-                wds.map(self._decoder(self.train_transform, counter, None), handler=counter),
+                wds.map(self._decoder(self.train_transform, counter, seed), handler=counter),
                 wds.batched(self.batch_size, collation_fn=collate, partial=False),
             )
             .with_epoch(per_worker)
         )
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        self._train_stream = ResumableStream(pipeline)
+        # Its own generator for the workers' base seed: creating an iterator does not draw from the global RNG
+        # (whose state a resumed run restores), so a resumed run draws the same noise as an unbroken one.
+        return DataLoader(self._train_stream, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(seed))
+
+    def set_position(self, epoch: int, done: int) -> None:
+        """Continue the training stream at ``epoch``, past the ``done`` batches already trained on in it (a
+        resumed run): the shard draws and shuffle of that epoch, then the batches an unbroken run would see."""
+        if self._train_stream is not None:
+            self._train_stream.set_position(epoch, done)
 
     def val_dataloader(self, world: int = 1, rank: int = 0) -> DataLoader | list:
         """Rank ``rank`` of ``world`` validates its part, split again over its workers: whole shards when

@@ -36,7 +36,20 @@ class WebDataModule(L.LightningDataModule):
         return self.trainer.world_size if self.trainer is not None else 1
 
     def train_dataloader(self) -> DataLoader:
-        return self.data.train_dataloader(self._world())
+        loader = self.data.train_dataloader(self._world())
+        trainer = self.trainer
+        if trainer is not None and trainer.fit_loop.restarting:
+            # A resumed run (its loops already restored): continue the stream after the batches already trained
+            # on (processed: a checkpoint written at a batch's end counts that batch as processed, not yet
+            # completed). A checkpoint written once an epoch's last batch completed, with validation on, makes
+            # Lightning first finish that epoch (its validation) with an iteration it does not consume, which the
+            # stream must not count as a data epoch. (Lightning's own epoch number may run one ahead.)
+            per_epoch = self.data.batches_per_epoch(self._world())
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            epoch, done = divmod(progress.total.processed, per_epoch)
+            empty_first = progress.current.completed >= per_epoch and trainer.enable_validation
+            self.data.set_position(epoch - 1 if empty_first else epoch, done)
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         rank = self.trainer.global_rank if self.trainer is not None else 0

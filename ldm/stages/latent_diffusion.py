@@ -136,18 +136,22 @@ class LatentDiffusionStage(L.LightningModule):
         return pipe
 
     @torch.no_grad()
-    def latents(self, batch: dict) -> torch.Tensor:
-        """Normalised z ~ q(z|x): from cached posterior (mean, std) when present, else by encoding images."""
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised z ~ q(z|x): from cached posterior (mean, std) when present, else by encoding images; drawn
+        with ``generator`` (a seeded CPU one in validation) when given."""
         if "latent" in batch:
             mean, std = batch["latent"].float().chunk(2, dim=1)
-            z = mean + std * torch.randn_like(std)
+            noise = torch.randn_like(std) if generator is None else torch.randn(std.shape, generator=generator).to(std)
+            z = mean + std * noise
         else:
-            z = self.first_stage.encode(batch["image"]).sample()
+            posterior = self.first_stage.encode(batch["image"])
+            z = posterior.sample() if generator is None else posterior.mean + posterior.std * torch.randn(
+                posterior.std.shape, generator=generator).to(posterior.std)
         return self.first_stage.normalize_latents(z.float(), self.latent_norm)
 
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample weighted loss and the timesteps drawn, t ~ U{0..T-1}."""
-        z0 = self.latents(batch)
+        z0 = self.latents(batch, generator)
         b = z0.shape[0]
         cond = self.conditioner(batch)
         if generator is None:  # drawn on the device: no host round trip inside the training step
@@ -222,7 +226,8 @@ class LatentDiffusionStage(L.LightningModule):
         uncount_steps(self.trainer, self.guard.read(self.global_step))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Fixed noise and timesteps per batch index: validation losses are comparable across epochs.
+        # Fixed latent draws, noise and timesteps per batch index: validation losses are comparable across epochs,
+        # and validation leaves the training RNG streams where they were.
         gen = torch.Generator().manual_seed(10_000 + batch_idx)
         per_sample, t = self.loss(batch, generator=gen)
         self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=len(t))
