@@ -1,9 +1,12 @@
-"""Loaded artifacts run no code; damaged weight files are errors naming the file."""
+"""Nothing is silently lost, poisoned or hijacked: loaded artifacts run no code, damaged files are named, outputs
+never collide, caches cannot be swapped underneath a run, data is complete or loudly not, resume is exact."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -328,3 +331,29 @@ def test_batch_1_with_4_accumulated_matches_batch_4(make_ldm_cfg, tmp_path):
             torch.testing.assert_close(b[key][name], value, rtol=1e-4, atol=1e-5,
                                        msg=lambda m, k=key, n=name: f"{k} {n}: {m}")
     assert int(a["averaging_state"]["n_averaged"]) == int(b["averaging_state"]["n_averaged"])
+
+
+class BreakWeights(L.Callback):
+    """After the given step, overflows one weight to inf (what a huge but finite update can do)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("inf")
+
+
+def test_no_checkpoint_is_written_from_non_finite_weights(make_cfg, tmp_path):
+    from ldm.training import train
+
+    cfg = make_cfg("ae_f8", "trainer.max_steps=20", "callbacks.model_checkpoint.every_n_train_steps=4",
+                   "+callbacks.break._target_=tests.test_trust.BreakWeights", "+callbacks.break.step=6",
+                   "callbacks.export_first_stage=null")
+    with pytest.raises(FloatingPointError, match=r"step 8: 1 weight tensors hold NaN/inf .*no checkpoint was written"):
+        train(cfg)
+    kept = torch.load(f"{cfg.paths.output_dir}/checkpoints/step0000004.ckpt", weights_only=True)
+    assert kept["global_step"] == 4 and all(torch.isfinite(v).all() for v in kept["state_dict"].values()
+                                            if v.is_floating_point())
+    assert not list(Path(cfg.paths.output_dir, "checkpoints").glob("*0008*"))

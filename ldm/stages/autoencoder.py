@@ -11,7 +11,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.networks.autoencoder import AutoencoderKL
-from ldm.stages.guard import NonFiniteGuard, is_logging_step, uncount_steps
+from ldm.stages.guard import NonFiniteGuard, is_logging_step, refuse_nonfinite_weights, uncount_steps
 from ldm.utils.compiling import check_compile_mode, compile_in_place
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -129,6 +129,7 @@ class AutoencoderStage(L.LightningModule):
         return {"inputs": x, "reconstructions": xrec.clamp(-1, 1)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_nonfinite_weights(self, self.global_step)
         # The resolved run config travels inside every checkpoint so it alone rebuilds the model.
         if self.run_config is not None:
             checkpoint["ldm_config"] = self.run_config

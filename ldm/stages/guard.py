@@ -151,3 +151,16 @@ def uncount_steps(trainer: L.Trainer, steps: int) -> None:
         total = loop.manual_optimization.optim_step_progress.total
     total.ready -= steps
     total.completed -= steps
+
+
+def refuse_nonfinite_weights(module: torch.nn.Module, step: int) -> None:
+    """Raise before a checkpoint is written from weights holding NaN/inf (the previous checkpoint stays as it is).
+
+    The guard keeps non-finite gradients out of the weights; this catches what it cannot see, e.g. a finite
+    update so large that the weights overflowed. One host read per checkpoint."""
+    bad = [name for name, p in module.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise FloatingPointError(
+            f"step {step}: {len(bad)} weight tensors hold NaN/inf (e.g. {', '.join(bad[:3])}); no checkpoint was "
+            "written from them and the previous checkpoints are kept. Lower the learning rate or enable gradient "
+            "clipping, then resume from the last checkpoint with ckpt_path=last")

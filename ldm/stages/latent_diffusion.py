@@ -22,7 +22,7 @@ from ldm.latent_cache import weights_fingerprint
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.stages.guard import NonFiniteGuard, is_logging_step, uncount_steps
+from ldm.stages.guard import NonFiniteGuard, is_logging_step, refuse_nonfinite_weights, uncount_steps
 from ldm.utils.compiling import check_compile_mode, compile_in_place
 
 log = logging.getLogger(__name__)
@@ -261,5 +261,6 @@ class LatentDiffusionStage(L.LightningModule):
         return {"samples": images[:max_images]}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_nonfinite_weights(self, self.global_step)
         if self.run_config is not None:
             checkpoint["ldm_config"] = self.run_config
