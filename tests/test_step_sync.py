@@ -126,3 +126,42 @@ def test_a_nan_gradient_with_a_finite_loss_changes_nothing(make_ldm_cfg):
     assert ckpt["global_step"] == 6  # 7 batches, the skipped one not counted
     for state in (ckpt["state_dict"], ckpt["current_model_state"]):
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class ErrorOnSync(CountSyncs):
+    """On CUDA: every synchronising CUDA call between batch start and end of a non-logging step raises."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._logging = (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % trainer.log_every_n_steps == 0
+        self._mode = _SyncDebug("default" if self._logging or batch_idx == 0 else "error")
+        self._mode.__enter__()
+
+
+class _SyncDebug:
+    """``torch.cuda.set_sync_debug_mode`` for a block; counts nothing (an offending call raises)."""
+
+    def __init__(self, mode: str):
+        self.mode, self.total, self.where = mode, 0, []
+
+    def __enter__(self):
+        torch.cuda.set_sync_debug_mode(self.mode)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stage", ["autoencoder", "latent_diffusion"])
+def test_cuda_training_steps_do_not_synchronise(stage, make_cfg, make_ldm_cfg):
+    CountSyncs.instances.clear()
+    common = ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "model.compile=false",
+              "trainer.max_steps=12", f"trainer.log_every_n_steps={LOG_EVERY}", "data.samples_per_epoch=1000",
+              "+callbacks.sync_probe._target_=tests.test_step_sync.ErrorOnSync"]
+    if stage == "autoencoder":
+        cfg = make_cfg("ae_f8", *common, "callbacks.export_first_stage=null", "model.loss.disc_start=2")
+    else:
+        cfg = make_ldm_cfg("ldm_f8", *common, "callbacks.export_pipeline=null", "model.sampling.num_images=1")
+    train(cfg)  # a synchronising call on a non-logging step raises inside training
+    (probe,) = CountSyncs.instances
+    assert sum(not logging for logging, _, _ in probe.per_batch) >= 4

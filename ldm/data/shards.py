@@ -128,6 +128,7 @@ def _folder_samples(files: list[Path], root: Path, resolution: int | None, defau
         progress.advance(task)
         try:
             with Image.open(path) as im:
+                im.load()  # to_rgb may return this image itself, which must not need its file once closed
                 image = to_rgb(im)
         except (OSError, ValueError) as err:
             log.warning("skipping %s: not a readable image (%s)", path, err)
