@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import ldm.utils.config  # noqa: F401  (registers the resolvers the configs use)
 from ldm.callbacks.export import FitClock
+from ldm.callbacks.progress import ProgressBar
 from ldm.utils.allocator import apply_policy
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build(cfg.model)
     model.run_config = run_config
     callbacks = _instantiate_dict(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     for callback in callbacks:  # exports are written when training ends: prove now that they can be
         if isinstance(callback, FitClock):
             check_writable(callback.dirpath.parent, "paths.export_dir")

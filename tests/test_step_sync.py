@@ -165,3 +165,7 @@ def test_cuda_training_steps_do_not_synchronise(stage, make_cfg, make_ldm_cfg):
     train(cfg)  # a synchronising call on a non-logging step raises inside training
     (probe,) = CountSyncs.instances
     assert sum(not logging for logging, _, _ in probe.per_batch) >= 4
+
+
+def test_the_progress_bar_can_be_switched_off(make_cfg):
+    train(make_cfg("ae_f8", "+trainer.enable_progress_bar=false", "debug=fdr"))  # Lightning refuses a bar callback
