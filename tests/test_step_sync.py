@@ -169,3 +169,17 @@ def test_cuda_training_steps_do_not_synchronise(stage, make_cfg, make_ldm_cfg):
 
 def test_the_progress_bar_can_be_switched_off(make_cfg):
     train(make_cfg("ae_f8", "+trainer.enable_progress_bar=false", "debug=fdr"))  # Lightning refuses a bar callback
+
+
+def test_the_guard_keeps_its_counts_when_the_checked_parts_change():
+    from ldm.stages.guard import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_consecutive=5)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([p], fused=True)
+    p.grad = torch.ones(2)
+    guard.step(opt, {"rec_loss": torch.tensor(float("nan"))}, [("autoencoder", [p])])
+    assert guard.read(10) == 1
+    guard.step(opt, {"rec_loss": torch.tensor(1.0), "g_loss": torch.tensor(float("inf"))}, [("autoencoder", [p])])
+    guard.step(opt, {"rec_loss": torch.tensor(1.0), "g_loss": torch.tensor(1.0)}, [("autoencoder", [p])])
+    assert guard.read(12) == 1 and guard.skipped == 2  # the new part added to the counts, nothing reset

@@ -55,9 +55,16 @@ class NonFiniteGuard:
         self.last_flag: torch.Tensor | None = None  # 1.0 when the latest checked step was skipped
 
     def _init_state(self, device: torch.device, names: list[str]) -> None:
-        if self._state is None or self._state.device != device or names != self._part_names:
+        """Counters on ``device`` (kept when already there); the per-part flags follow the checked parts by name
+        (the autoencoder adds its GAN parts at ``disc_start``)."""
+        if self._state is None:
             self._state = torch.zeros(4, device=device)
-            self._bad_parts = torch.zeros(len(names), device=device)
+        elif self._state.device != device:
+            self._state = self._state.to(device)
+        if names != self._part_names:
+            old = dict(zip(self._part_names, self._bad_parts, strict=True)) if self._bad_parts is not None else {}
+            self._bad_parts = torch.stack([old[n].to(device) if n in old else torch.zeros((), device=device)
+                                           for n in names])
             self._part_names = names
 
     def step(self, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor],
