@@ -31,6 +31,8 @@ def main(cfg: DictConfig) -> str:
     labels = OmegaConf.to_object(cfg.class_labels) if OmegaConf.is_config(cfg.class_labels) else cfg.class_labels
     if "caption" not in pipe.conditioner.input_keys:
         prompt = None
+    if labels is None and prompt is None and "class_label" in pipe.conditioner.input_keys:
+        labels = list(range(pipe.num_classes()))  # every class, one grid row each
     images = pipe(prompt=prompt, negative_prompt=cfg.negative_prompt, class_labels=labels,
                   num_images=cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
                   seed=cfg.seed, init_image=cfg.init_image, strength=cfg.strength, mask=cfg.mask, eta=cfg.eta,

@@ -71,7 +71,9 @@ def main() -> None:
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     sch = pipe.config["schedule"]
     common = dict(num_train_timesteps=sch["num_timesteps"], beta_start=sch["beta_start"], beta_end=sch["beta_end"],
-                  beta_schedule=sch["kind"], timestep_spacing=pipe.spacing)
+                  beta_schedule=sch["kind"], timestep_spacing=pipe.spacing,
+                  rescale_betas_zero_snr=sch.get("zero_terminal_snr", False),
+                  prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[pipe.prediction])
     prompts = [caption_for(i % 10) for i in range(n_images)]
     ddim, dpm = steps["ddim"], steps["dpm"]
     names = {"ours DDIM": f"ours DDIM {ddim}", "diffusers DDIM": f"diffusers DDIMScheduler {ddim}",

@@ -10,7 +10,8 @@ Lightning ``.ckpt`` of the latent diffusion stage (EMA weights by default). Call
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,9 @@ from ldm.checkpoints import (
 )
 from ldm.conditioning.conditioner import Conditioner
 from ldm.data.decode import to_rgb
-from ldm.diffusion.guidance import cfg
-from ldm.diffusion.objectives import check_prediction, to_eps
-from ldm.diffusion.samplers import get_sampler, make_timesteps
+from ldm.diffusion.denoiser import Denoiser, check_prediction_for
+from ldm.diffusion.levels import NoiseLevels, make_levels
+from ldm.diffusion.samplers import check_sampler, sample
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
@@ -83,7 +84,7 @@ class LatentDiffusionPipeline:
         self.conditioner = conditioner
         self.first_stage = first_stage
         self.schedule = schedule
-        self.prediction = check_prediction(prediction)
+        self.prediction = check_prediction_for(prediction, schedule)
         self.latent_norm = latent_norm
         self.spacing = spacing
         self.config: dict[str, Any] = {}
@@ -174,24 +175,8 @@ class LatentDiffusionPipeline:
 
     # ----- sampling -----------------------------------------------------------------------------
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        out = self.unet(x, t, context=cond.get("context"), y=cond.get("y"))
-        alpha, sigma = self.schedule.alpha_sigma(t, x)
-        return to_eps(self.prediction, x, out, alpha, sigma)
-
-    def _batch(self, prompts: list[str] | None, labels: list[int] | None, n: int) -> dict:
-        batch: dict[str, Any] = {}
-        keys = self.conditioner.input_keys
-        if "caption" in keys:
-            if prompts is None:
-                raise ValueError("this model is conditioned on text: pass prompt=...")
-            batch["caption"] = prompts
-        if "class_label" in keys:
-            if labels is None:
-                raise ValueError("this model is conditioned on class labels: pass class_labels=...")
-            batch["class_label"] = torch.tensor(labels, dtype=torch.long)
-        if not batch:
-            batch["caption"] = [""] * n
-        return batch
+        """The U-Net's raw output (eps, v or x0, per ``prediction``) under a condition dict."""
+        return self.unet(x, t, context=cond.get("context"), y=cond.get("y"))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         z = self.first_stage.encode(images.to(self.device)).mode()
@@ -205,98 +190,164 @@ class LatentDiffusionPipeline:
                  class_labels: int | Sequence[int] | None = None, num_images: int | None = None,
                  sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0, seed: int = 0,
                  init_image: ImageInput | None = None, strength: float = 0.8, mask: ImageInput | None = None,
-                 eta: float = 0.0, batch_size: int = 32, progress: bool = False,
+                 eta: float | None = None, batch_size: int = 32, progress: bool = False,
                  output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         """Generate ``num_images`` per prompt (or class label); returns PIL images or a [-1, 1] tensor.
 
-        ``init_image`` + ``strength`` (0: the input's reconstruction, 1: ignore it) is img2img;
-        adding ``mask`` (white = repaint, black = keep) is inpainting: the kept region is re-imposed
-        from the noised original latent after every step and pasted back in pixel space at the end.
-        ``negative_prompt`` replaces the empty prompt in the guidance's unconditional half.
+        A class-conditional model given neither prompts nor labels samples every class. ``init_image`` +
+        ``strength`` (0: the input's reconstruction, 1: ignore it) is img2img; adding ``mask`` (white = repaint,
+        black = keep) is inpainting: the kept region is re-imposed from the noised original latent after every step
+        and pasted back in pixel space at the end. ``negative_prompt`` replaces the empty prompt in the guidance's
+        unconditional half. ``eta`` is for the samplers that take it (ddim, euler_a); others refuse it.
         """
-        sample_fn = get_sampler(sampler)
+        request = self.check_inputs(prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale,
+                                    strength, eta, batch_size, output_type, init_image, mask)
+        levels = self.noise_levels(sampler, steps, strength if init_image is not None else 1.0)
+        init = self.prepare_init(init_image, mask)
+        options = {"eta": eta} if eta is not None else {}
+        outputs = []
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"{sampler} x {steps}", total=request.n * len(levels))
+            for start in range(0, request.n, batch_size):
+                idx = list(range(start, min(request.n, start + batch_size)))
+                if init is not None and len(levels) == 0:  # strength 0: the input's reconstruction
+                    outputs.append(self.decode(init.latent.expand(len(idx), -1, -1, -1)))
+                    continue
+                denoiser = self.encode_prompts(request, idx, cfg_scale)
+                x, noise = self.prepare_latents(idx, seed, levels, init)
+                gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + start)
+                z = sample(sampler, denoiser, x, levels, generator=gen, callback=lambda *_: bar.advance(task),
+                           after_step=self.inpainting_step(init, noise), **options)
+                outputs.append(self.decode_images(z, init))
+        images = torch.cat(outputs)
+        return to_pil(images) if output_type == "pil" else images
+
+    def check_inputs(self, prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale, strength,
+                     eta, batch_size, output_type, init_image, mask) -> _Request:
+        """Every argument checked before any work; the per-image prompts/labels/negatives, expanded."""
+        check_sampler(sampler, {"eta": eta} if eta is not None else {})
+        require_int("steps", steps, 1)
         require_int("num_images", num_images, 1, optional=True)
         require_int("batch_size", batch_size, 1)
-        if eta < 0:
-            raise ValueError(f"eta={eta}: expected >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
         if output_type not in ("pil", "tensor"):
             raise ValueError(f"output_type={output_type!r}: expected 'pil' or 'tensor'")
-        if class_labels is not None and "class_label" not in self.conditioner.input_keys:
-            raise ValueError(f"class_labels given, but this model is conditioned on {self.conditioner.input_keys}")
+        if cfg_scale < 0:
+            raise ValueError(f"cfg_scale={cfg_scale}: expected >= 0 (0: unconditional, 1: no guidance, 3-8 usual)")
+        if init_image is not None and not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength} must be in [0, 1]")
+        if mask is not None and init_image is None:
+            raise ValueError("inpainting (mask=...) needs init_image=...")
+        keys = self.conditioner.input_keys
+        if class_labels is not None and "class_label" not in keys:
+            raise ValueError(f"class_labels given, but this model is conditioned on {keys}")
+        if negative_prompt is not None and "caption" not in keys:
+            raise ValueError("negative_prompt needs a text-conditioned model")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         labels = [class_labels] if isinstance(class_labels, int) else (
             list(class_labels) if class_labels is not None else None)
-        per = num_images or 1
-        base = len(prompts) if prompts is not None else (len(labels) if labels is not None else 1)
+        if "caption" in keys and prompts is None:
+            raise ValueError("this model is conditioned on text: pass prompt=...")
+        if "class_label" in keys and labels is None and prompts is None:
+            labels = list(range(self.num_classes()))  # every class
+        if "class_label" in keys and labels is None:
+            raise ValueError("this model is conditioned on class labels: pass class_labels=...")
         if prompts is not None and labels is not None and len(prompts) != len(labels):
             raise ValueError(f"{len(prompts)} prompts but {len(labels)} class labels")
-        expand = (lambda xs: [x for x in xs for _ in range(per)])
-        prompts_all = expand(prompts) if prompts is not None else None
-        labels_all = expand(labels) if labels is not None else None
-        n = base * per
-        if negative_prompt is not None and "caption" not in self.conditioner.input_keys:
-            raise ValueError("negative_prompt needs a text-conditioned model")
-        negs = None
+        base = len(prompts) if prompts is not None else (len(labels) if labels is not None else 1)
+        negatives = None
         if negative_prompt is not None:
-            negs = [negative_prompt] * base if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negs) != base:
-                raise ValueError(f"{len(negs)} negative prompts for {base} prompts")
-            negs = expand(negs)
+            negatives = [negative_prompt] * base if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != base:
+                raise ValueError(f"{len(negatives)} negative prompts for {base} prompts")
+        per = num_images or 1
+        expand = (lambda xs: [x for x in xs for _ in range(per)] if xs is not None else None)
+        return _Request(expand(prompts), expand(labels), expand(negatives), base * per)
 
-        device = self.device
+    def num_classes(self) -> int:
+        """The class count of the model's class embedder."""
+        return next(e.num_classes for e in self.conditioner.embedders if e.input_key == "class_label")
+
+    def noise_levels(self, sampler: str, steps: int, strength: float = 1.0) -> NoiseLevels:
+        """The sampler's levels (its own spacing, e.g. Karras, or the model's); img2img keeps the last
+        ``round(steps * strength)``."""
+        _, spacing = check_sampler(sampler)
+        levels = make_levels(self.schedule, steps, spacing or self.spacing)
+        return levels.last(int(round(steps * strength))) if strength < 1.0 else levels
+
+    def prepare_init(self, init_image: ImageInput | None, mask: ImageInput | None) -> _Init | None:
+        """img2img/inpainting inputs: the image, its latent, and the repaint mask in pixels and latents."""
+        if init_image is None:
+            return None
         res = self.first_stage.resolution
-        z_shape = self.first_stage.latent_shape(res)
-        timesteps = make_timesteps(self.schedule.num_timesteps, steps, self.spacing)
-        z_init = pixel_init = pixel_mask = latent_mask = None
-        if init_image is not None:
-            pixel_init = load_image(init_image, res).to(device)
-            z_init = self.encode(pixel_init)
-            if not 0.0 <= strength <= 1.0:
-                raise ValueError(f"strength={strength} must be in [0, 1]")
-            timesteps = timesteps[len(timesteps) - int(round(steps * strength)):]
+        pixels = load_image(init_image, res).to(self.device)
+        init = _Init(pixels, self.encode(pixels))
         if mask is not None:
-            if init_image is None:
-                raise ValueError("inpainting (mask=...) needs init_image=...")
-            pixel_mask = (load_image(mask, res, mode="L").to(device) > 0.5).float()
-            latent_mask = (F.adaptive_max_pool2d(pixel_mask, z_shape[1:]) > 0.5).float()
+            init.pixel_mask = (load_image(mask, res, mode="L").to(self.device) > 0.5).float()
+            latent_side = self.first_stage.latent_shape(res)[1:]
+            init.latent_mask = (F.adaptive_max_pool2d(init.pixel_mask, latent_side) > 0.5).float()
+        return init
 
-        outputs = []
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"{sampler} x {steps}", total=n * len(timesteps))
-            for start in range(0, n, batch_size):
-                idx = list(range(start, min(n, start + batch_size)))
-                b = len(idx)
-                batch = self._batch([prompts_all[i] for i in idx] if prompts_all else None,
-                                    [labels_all[i] for i in idx] if labels_all else None, b)
-                cond = self.conditioner(batch)
-                uncond = self.conditioner.uncond(b, {"caption": [negs[i] for i in idx]} if negs else None)
-                denoise = cfg(self.model_fn, cond, uncond, cfg_scale)
-                noise = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(seed + i))
-                                     for i in idx]).to(device)
-                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
-                after_step = None
-                if z_init is not None and len(timesteps) == 0:
-                    outputs.append(self.decode(z_init.expand(b, -1, -1, -1)))
-                    continue
-                if z_init is None:
-                    x = noise
-                else:
-                    known = z_init.expand(b, -1, -1, -1)
-                    x = self.schedule.q_sample(known, timesteps[:1].expand(b), noise)
-                if latent_mask is not None:
-                    def after_step(x_s: torch.Tensor, s: int, known=known, noise=noise) -> torch.Tensor:
-                        ref = known if s < 0 else self.schedule.q_sample(known, torch.full((len(x_s),), s), noise)
-                        return latent_mask * x_s + (1 - latent_mask) * ref
+    def encode_prompts(self, request: _Request, idx: list[int], cfg_scale: float) -> Denoiser:
+        """The guided denoiser for images ``idx``: their condition, and the null (or negative) one."""
+        batch: dict[str, Any] = {}
+        if request.prompts is not None:
+            batch["caption"] = [request.prompts[i] for i in idx]
+        if request.labels is not None:
+            batch["class_label"] = torch.tensor([request.labels[i] for i in idx], dtype=torch.long)
+        if not batch:  # an unconditional model: its null condition
+            batch["caption"] = [""] * len(idx)
+        cond = self.conditioner(batch)
+        negatives = {"caption": [request.negatives[i] for i in idx]} if request.negatives else None
+        uncond = self.conditioner.uncond(len(idx), negatives)
+        return Denoiser(self.model_fn, self.prediction, self.schedule, cond, uncond, cfg_scale)
 
-                kwargs = {"eta": eta} if sampler == "ddim" else {}
-                z = sample_fn(denoise, x, self.schedule, steps, timesteps=timesteps, generator=gen,
-                              callback=lambda *_: bar.advance(task), after_step=after_step, **kwargs)
-                images = self.decode(z)
-                if pixel_mask is not None:
-                    images = pixel_mask * images + (1 - pixel_mask) * pixel_init
-                outputs.append(images)
-        images = torch.cat(outputs)
-        return to_pil(images) if output_type == "pil" else images
+    def prepare_latents(self, idx: list[int], seed: int, levels: NoiseLevels,
+                        init: _Init | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x at the first level, the noise): image i's noise comes from seed + i, whatever the batching."""
+        z_shape = self.first_stage.latent_shape(self.first_stage.resolution)
+        noise = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(seed + i))
+                             for i in idx]).to(self.device)
+        if init is None:
+            return noise, noise
+        a = levels.abar[0]
+        return a**0.5 * init.latent + (1 - a) ** 0.5 * noise, noise
+
+    def inpainting_step(self, init: _Init | None, noise: torch.Tensor) -> Callable | None:
+        """After each step, the kept region is the original latent noised to the new level."""
+        if init is None or init.latent_mask is None:
+            return None
+
+        def after_step(x: torch.Tensor, abar: float) -> torch.Tensor:
+            known = abar**0.5 * init.latent + (1 - abar) ** 0.5 * noise
+            return init.latent_mask * x + (1 - init.latent_mask) * known
+
+        return after_step
+
+    def decode_images(self, z: torch.Tensor, init: _Init | None) -> torch.Tensor:
+        images = self.decode(z)
+        if init is not None and init.pixel_mask is not None:
+            images = init.pixel_mask * images + (1 - init.pixel_mask) * init.pixels
+        return images
+
+
+@dataclass
+class _Request:
+    """Checked inputs, one entry per image."""
+
+    prompts: list[str] | None
+    labels: list[int] | None
+    negatives: list[str] | None
+    n: int
+
+
+@dataclass
+class _Init:
+    """img2img/inpainting inputs on the device."""
+
+    pixels: torch.Tensor
+    latent: torch.Tensor
+    pixel_mask: torch.Tensor | None = None
+    latent_mask: torch.Tensor | None = None
 
 
 class _Bundle(nn.Module):

@@ -5,16 +5,11 @@ import math
 import pytest
 import torch
 
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import cfg
-from ldm.diffusion.objectives import (
-    eps_from_v,
-    min_snr_weight,
-    to_eps,
-    training_target,
-    x0_from_eps,
-    x0_from_v,
-)
-from ldm.diffusion.samplers import get_sampler, make_timesteps
+from ldm.diffusion.levels import TERMINAL_ABAR, karras_levels, make_levels, make_timesteps
+from ldm.diffusion.objectives import min_snr_weight, training_target, x0_from_eps, x0_from_v
+from ldm.diffusion.samplers import SAMPLERS, check_sampler, sample
 from ldm.diffusion.schedule import NoiseSchedule, make_betas
 
 
@@ -62,11 +57,15 @@ def test_parameterisation_round_trips():
     alpha, sigma = sch.alpha_sigma(t, x0)
     x_t = alpha * x0 + sigma * eps
     v = training_target("v", x0, eps, alpha, sigma)
-    torch.testing.assert_close(eps_from_v(x_t, v, alpha, sigma), eps)
     torch.testing.assert_close(x0_from_v(x_t, v, alpha, sigma), x0)
     torch.testing.assert_close(x0_from_eps(x_t, eps, alpha, sigma), x0)
-    torch.testing.assert_close(to_eps("v", x_t, v, alpha, sigma), eps)
     assert training_target("eps", x0, eps, alpha, sigma) is eps
+    assert training_target("x0", x0, eps, alpha, sigma) is x0
+    for prediction, out in (("eps", eps), ("v", v), ("x0", x0)):  # every parameterisation -> the same D
+        den = Denoiser(lambda *_: None, prediction, sch)
+        for i in range(3):
+            a = float(sch.alphas_cumprod[t[i]])
+            torch.testing.assert_close(den.to_denoised(x_t[i], out[i], a), x0[i])
 
 
 def test_min_snr_weights():
@@ -88,37 +87,40 @@ def test_timestep_spacings_match_diffusers():
         make_timesteps(1000, 0)
 
 
-# ---- Gaussian data: the optimal eps-predictor is known, so samplers must return N(mu, s^2) ----------
+# ---- Gaussian data: the optimal denoiser is known, so samplers must return N(mu, s^2) ----------------
 MU, S = 0.7, 0.5
 
 
-def _gaussian_denoiser(sch: NoiseSchedule):
-    """E[eps | x_t] for x0 ~ N(MU, S^2): sqrt(1-a)(x_t - sqrt(a) MU) / (a S^2 + 1 - a)."""
-
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = sch.alphas_cumprod[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
-
-    return denoise
+SCALED_LINEAR = NoiseSchedule("scaled_linear")
 
 
-@pytest.mark.parametrize("name,steps", [("ddim", 250), ("dpmpp_2m", 250), ("ddpm", 1000)])
+def _gaussian_network(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    """E[eps | x_t] for x0 ~ N(MU, S^2): sqrt(1-a)(x_t - sqrt(a) MU) / (a S^2 + 1 - a), an eps 'network'."""
+    a = SCALED_LINEAR.alphas_cumprod[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
+
+
+def _x_T(sch: NoiseSchedule, n: int) -> torch.Tensor:
+    """Draws from the exact marginal at t = T-1, so what remains is the sampler's own error."""
+    a_top = sch.alphas_cumprod[-1].item()
+    x = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x * (a_top * S**2 + 1 - a_top) ** 0.5 + a_top**0.5 * MU
+
+
+@pytest.mark.parametrize("name,steps", [("ddim", 250), ("dpmpp_2m", 250), ("ddpm", 1000), ("euler_a", 1000),
+                                        ("dpmpp_2m_karras", 100)])
 def test_samplers_reproduce_gaussian_mean_and_std(name, steps):
-    """x_T is drawn from the exact marginal at t = T-1, so what remains is the sampler's own error.
-
-    Tolerances: with N = 100k samples the standard errors are S/sqrt(N) = 0.0016 (mean) and
+    """Tolerances: with N = 100k samples the standard errors are S/sqrt(N) = 0.0016 (mean) and
     S/sqrt(2N) = 0.0011 (std). Discretisation adds a bias that shrinks with the step count: the
     measured relative std errors are 0.8% (DDIM, 250 linspace steps), 0.6% (DPM-Solver++ 2M, 250),
-    1.0% (DDPM, 1000; its plug-in posterior omits Var[x0 | x_t]). We allow 0.01 on the mean
+    1.0% (DDPM, 1000; its plug-in posterior omits Var[x0 | x_t]), 1.1% (Euler ancestral, 1000: first order,
+    3.0% at 250). We allow 0.01 on the mean
     (6 standard errors) and 1.5% on the std; the convergence test below shows the bias vanishing.
     """
     sch = NoiseSchedule("scaled_linear")
-    a_top = sch.alphas_cumprod[999].item()
-    gen = torch.Generator().manual_seed(0)
-    x_T = torch.randn(100_000, 1, generator=gen, dtype=torch.float64) * (a_top * S**2 + 1 - a_top) ** 0.5 \
-        + a_top**0.5 * MU
-    out = get_sampler(name)(_gaussian_denoiser(sch), x_T, sch, steps, spacing="linspace",
-                            generator=torch.Generator().manual_seed(1))
+    _, spacing = check_sampler(name)
+    out = sample(name, Denoiser(_gaussian_network, "eps", sch), _x_T(sch, 100_000),
+                 make_levels(sch, steps, spacing or "linspace"), generator=torch.Generator().manual_seed(1))
     assert abs(out.mean().item() - MU) < 0.01
     assert abs(out.std().item() / S - 1) < 0.015
 
@@ -126,53 +128,129 @@ def test_samplers_reproduce_gaussian_mean_and_std(name, steps):
 def test_deterministic_samplers_converge_with_steps():
     """DDIM and DPM-Solver++ are ODE solvers: their std error must shrink as steps grow."""
     sch = NoiseSchedule("scaled_linear")
-    a_top = sch.alphas_cumprod[999].item()
-    x_T = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x_T = x_T * (a_top * S**2 + 1 - a_top) ** 0.5 + a_top**0.5 * MU
-    for name in ("ddim", "dpmpp_2m"):
-        errs = [abs(get_sampler(name)(_gaussian_denoiser(sch), x_T, sch, n, spacing="linspace").std().item() - S)
-                for n in (20, 100, 500)]
+    x_T = _x_T(sch, 20_000)
+    for name in ("ddim", "dpmpp_2m", "dpmpp_2m_karras"):
+        _, spacing = check_sampler(name)
+        errs = [abs(sample(name, Denoiser(_gaussian_network, "eps", sch), x_T,
+                           make_levels(sch, n, spacing or "linspace")).std().item() - S) for n in (10, 40, 160)]
         assert errs[0] > errs[1] > errs[2], (name, errs)
 
 
-def _eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+# ---- against diffusers' schedulers on fixed inputs ------------------------------------------------------
+def _net(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
     """A fixed nonlinear 'network' shared with the oracle."""
     w = torch.linspace(-1, 1, x[0].numel(), dtype=x.dtype).view(x.shape[1:])
     return torch.tanh(x * 0.8 + w) * (t.to(x.dtype).view(-1, 1, 1, 1) / 1000 + 0.2)
 
 
-def _run_diffusers(scheduler, x: torch.Tensor) -> torch.Tensor:
+def _diffusers(name: str, prediction: str, zsnr: bool):
+    """The diffusers scheduler each of our samplers reproduces, on the scaled-linear schedule, trailing spacing."""
+    import diffusers
+
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  timestep_spacing="trailing", rescale_betas_zero_snr=zsnr,
+                  prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction])
+    if name in ("ddim", "ddim_eta1"):
+        # Upcast to float64: in float32, DDIM with eta > 0 from abar_T = 0 takes the square root of
+        # 1 - abar_s - std^2 rounded below zero and returns NaN (ours clamps that term at 0).
+        ddim = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)
+        ddim.alphas_cumprod = ddim.alphas_cumprod.double()
+        return ddim
+    if name == "ddpm":
+        return diffusers.DDPMScheduler(clip_sample=False, variance_type="fixed_small", **common)
+    if name == "euler_a":
+        return diffusers.EulerAncestralDiscreteScheduler(**common)
+    return diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                                 use_karras_sigmas=name == "dpmpp_2m_karras", **common)
+
+
+def _run_diffusers(scheduler, x: torch.Tensor, steps: int, seed: int, **step_options) -> torch.Tensor:
+    scheduler.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    if hasattr(scheduler, "sigmas") and scheduler.init_noise_sigma != 1.0:  # sigma-space: x_VE = x_VP / alpha
+        x = x * (1 + scheduler.sigmas[0].double() ** 2) ** 0.5
     for t in scheduler.timesteps:
-        x = scheduler.step(_eps_model(x, torch.full((x.shape[0],), int(t))), t, x).prev_sample
+        x_in = scheduler.scale_model_input(x, t)
+        out = _net(x_in, torch.full((x.shape[0],), float(t), dtype=torch.float64))
+        x = scheduler.step(out, t, x, generator=gen, **step_options).prev_sample
     return x
 
 
-@pytest.mark.parametrize("steps", [10, 20, 50])
-@pytest.mark.parametrize("schedule", ["scaled_linear", "linear"])
-def test_ddim_and_dpmpp_match_diffusers(steps, schedule):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    betas = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 0.02)}[schedule]
-    sch = NoiseSchedule(schedule, 1000, *betas)
-    common = dict(num_train_timesteps=1000, beta_start=betas[0], beta_end=betas[1], beta_schedule=schedule,
-                  timestep_spacing="trailing")
-    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ddim = DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)
-    ddim.set_timesteps(steps)
-    dpm = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
-    dpm.set_timesteps(steps)
-    for name, oracle in (("ddim", ddim), ("dpmpp_2m", dpm)):
-        ours = get_sampler(name)(_eps_model, x, sch, steps, spacing="trailing")
-        ref = _run_diffusers(oracle, x.clone())
-        # diffusers keeps its schedule in float32; outputs reach |x| ~ 300 on the linear schedule, so the
-        # 1e-4 bound is taken relative to the output's scale.
-        scale = max(1.0, ref.abs().max().item())
-        assert (ours - ref).abs().max().item() <= 1e-4 * scale, name
+ORACLE_CASES = ["ddim", "ddim_eta1", "ddpm", "dpmpp_2m", "dpmpp_2m_karras", "euler_a"]
 
 
-def test_unknown_sampler_is_a_clear_error():
+@pytest.mark.parametrize("zsnr", [False, True], ids=["plain", "zero_snr"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("case", ORACLE_CASES)
+def test_samplers_match_diffusers(case, prediction, zsnr):
+    """Every sampler x {eps, v} x {zero terminal SNR off, on} against its diffusers scheduler, 10 trailing steps,
+    the same network and noise. Tolerance: 1e-4 relative to the output's scale (diffusers keeps its schedule in
+    float32). diffusers' sigma-space schedulers (DPM-Solver++, Euler-a) replace abar_T = 0 by 2^-24; they are
+    compared on that grid, and our exact-zero walk is checked against it separately below.
+    eps prediction at abar = 0 is refused by our Denoiser (x0 is undefined there) instead of returning NaN."""
+    name, options = ("ddim", {"eta": 1.0}) if case == "ddim_eta1" else (case, {})
+    steps = 10
+    sch = NoiseSchedule("scaled_linear", zero_terminal_snr=zsnr)
+    if zsnr and prediction == "eps":
+        with pytest.raises(ValueError, match="prediction=eps with a zero-terminal-SNR schedule"):
+            Denoiser(_net, "eps", sch)
+    if zsnr and name in ("dpmpp_2m", "dpmpp_2m_karras", "euler_a"):
+        sch.alphas_cumprod[-1] = TERMINAL_ABAR  # diffusers' grid for its sigma-space schedulers
+    elif zsnr and prediction == "eps":
+        return  # DDIM/DDPM at abar = 0 with eps: refused above (diffusers returns non-finite samples)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, spacing = check_sampler(name)
+    ours = sample(name, Denoiser(_net, prediction, sch), x, make_levels(sch, steps, spacing or "trailing"),
+                  generator=torch.Generator().manual_seed(7), **options)
+    ref = _run_diffusers(_diffusers(case, prediction, zsnr), x.clone(), steps, 7, **options)
+    assert torch.isfinite(ours).all()
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours - ref).abs().max().item() <= 1e-4 * scale, (ours - ref).abs().max().item()
+
+
+def test_karras_levels_are_diffusers_timesteps():
+    from diffusers import DPMSolverMultistepScheduler
+
+    for zsnr in (False, True):
+        ref = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                          use_karras_sigmas=True,
+                                          rescale_betas_zero_snr=zsnr)
+        ref.set_timesteps(15)
+        levels = karras_levels(NoiseSchedule("scaled_linear", zero_terminal_snr=zsnr), 15)
+        assert list(levels.timesteps) == ref.timesteps.tolist()
+        sigmas = [((1 - a) / a) ** 0.5 for a in levels.abar]
+        torch.testing.assert_close(torch.tensor(sigmas, dtype=torch.float32), ref.sigmas, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_zero_terminal_snr_samples_are_finite_and_the_limit_of_a_tiny_terminal_abar(name):
+    """From abar = 0 exactly, every sampler is finite (v prediction: D = -v there); with abar_T = 2^-24 instead
+    (diffusers' choice) the samples differ by O(sqrt(2^-24)) for DDIM/DDPM/Euler-a, a little more for DPM-Solver++
+    whose second-order correction from abar_T is dropped at exact zero (its step size is infinite)."""
+    exact = NoiseSchedule("scaled_linear", zero_terminal_snr=True)
+    near = NoiseSchedule("scaled_linear", zero_terminal_snr=True)
+    near.alphas_cumprod[-1] = TERMINAL_ABAR
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, spacing = check_sampler(name)
+    if spacing == "karras":
+        return  # Karras spacing always starts at the finite 2^-24 level (see ldm.diffusion.levels)
+    runs = [sample(name, Denoiser(_net, "v", s), x, make_levels(s, 10), generator=torch.Generator().manual_seed(1))
+            for s in (exact, near)]
+    assert torch.isfinite(runs[0]).all()
+    tol = 2e-2 if name == "dpmpp_2m" else 2e-3
+    assert (runs[0] - runs[1]).abs().max().item() < tol
+
+
+def test_sampler_options_that_do_not_apply_are_refused():
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        get_sampler("euler")
+        check_sampler("euler")
+    with pytest.raises(ValueError, match=r"sampler 'dpmpp_2m' does not use \['eta'\]; it takes no options"):
+        check_sampler("dpmpp_2m", {"eta": 0.5})
+    with pytest.raises(ValueError, match=r"sampler 'ddpm' does not use \['eta'\]"):
+        sample("ddpm", Denoiser(_net, "v", NoiseSchedule()), torch.zeros(1, 4, 8, 8), make_levels(NoiseSchedule(), 2),
+               eta=1.0)
+    check_sampler("ddim", {"eta": 0.3})
+    check_sampler("euler_a", {"eta": 0.3})
 
 
 def test_cfg_scale_one_is_the_conditional_model_and_guidance_is_one_batched_forward():
@@ -193,11 +271,22 @@ def test_cfg_scale_one_is_the_conditional_model_and_guidance_is_one_batched_forw
     torch.testing.assert_close(guided, eps_u + 7.5 * (eps_c - eps_u))
 
 
+def test_denoiser_guides_the_denoised_estimate():
+    """CFG in D space: D_u + s (D_c - D_u), each half converted with the level's coefficients."""
+    sch = NoiseSchedule("scaled_linear")
+    cond, uncond = {"y": torch.ones(2, 1)}, {"y": torch.zeros(2, 1)}
+    net = lambda x, t, c: x * 0.5 + c["y"].view(-1, 1, 1, 1)  # noqa: E731
+    x, a = torch.randn(2, 4, 8, 8), float(sch.alphas_cumprod[500])
+    den = Denoiser(net, "v", sch, cond, uncond, 3.0)
+    d_c, d_u = (a**0.5 * x - (1 - a) ** 0.5 * net(x, None, c) for c in (cond, uncond))
+    torch.testing.assert_close(den(x, 500, a), d_u + 3.0 * (d_c - d_u))
+
+
 def test_samplers_are_reproducible_with_a_generator():
     sch = NoiseSchedule("scaled_linear")
     x = torch.randn(2, 4, 8, 8)
-    for name, kw in (("ddpm", {}), ("ddim", {"eta": 1.0})):
-        a = get_sampler(name)(_eps_model, x, sch, 10, generator=torch.Generator().manual_seed(3), **kw)
-        b = get_sampler(name)(_eps_model, x, sch, 10, generator=torch.Generator().manual_seed(3), **kw)
-        c = get_sampler(name)(_eps_model, x, sch, 10, generator=torch.Generator().manual_seed(4), **kw)
+    levels = make_levels(sch, 10)
+    for name, kw in (("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler_a", {})):
+        a, b, c = (sample(name, Denoiser(_net, "v", sch), x, levels, generator=torch.Generator().manual_seed(s), **kw)
+                   for s in (3, 3, 4))
         assert torch.equal(a, b) and not torch.equal(a, c)

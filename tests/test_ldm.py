@@ -157,14 +157,17 @@ def test_sample_cli_errors(trained, tmp_path, make_cfg):
 
 @pytest.mark.parametrize("kwargs,match", [(dict(num_images=0), r"num_images=0: expected an integer >= 1"),
                                           (dict(batch_size=0), r"batch_size=0: expected an integer >= 1"),
-                                          (dict(eta=-1.0), r"eta=-1\.0: expected >= 0"),
+                                          (dict(eta=-1.0, sampler="ddim"), r"eta=-1\.0: expected >= 0"),
+                                          (dict(eta=0.5), r"sampler 'dpmpp_2m' does not use \['eta'\]"),
+                                          (dict(cfg_scale=-3), r"cfg_scale=-3: expected >= 0"),
+                                          (dict(steps=0), r"steps=0: expected an integer >= 1"),
                                           (dict(output_type="np"), r"output_type='np': expected 'pil' or 'tensor'"),
                                           (dict(class_labels=3), r"class_labels given, but this model is conditioned "
                                                                  r"on \['caption'\]")])
 def test_pipeline_refuses_bad_arguments_by_name(trained, kwargs, match):
     pipe = LatentDiffusionPipeline.from_pretrained(Path(trained.paths.export_dir) / "ldm_f8")
     with pytest.raises(ValueError, match=match):
-        pipe(prompt="a photo of a bag", steps=2, **kwargs)
+        pipe(prompt="a photo of a bag", **({"steps": 2} | kwargs))
 
 
 def test_latent_cache_is_reused_and_rebuilt_for_another_first_stage(make_ldm_cfg, export_dir):

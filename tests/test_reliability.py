@@ -209,8 +209,8 @@ def test_pickles_that_would_run_code_are_refused(tmp_path):
 
 
 def test_config_errors_before_the_first_step(make_cfg, make_ldm_cfg, export_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler_a'"):
-        build(make_ldm_cfg("ldm_f8", "model.sampling.sampler=euler_a").model)
+    with pytest.raises(ValueError, match=r"unknown sampler 'euler'"):
+        build(make_ldm_cfg("ldm_f8", "model.sampling.sampler=euler").model)
     with pytest.raises(ValueError, match=r"unknown noise schedule 'sigmoid'"):
         build(make_ldm_cfg("ldm_f8", "model.schedule.kind=sigmoid").model)
     with pytest.raises(ValueError, match=r"resolution=36 is not divisible by the downsampling factor f=8"):

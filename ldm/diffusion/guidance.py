@@ -1,4 +1,4 @@
-"""Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u), in one batched forward."""
+"""Classifier-free guidance (Ho & Salimans 2022): f_u + s (f_c - f_u), both halves in one batched forward."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 Condition = dict[str, torch.Tensor | None]
-ModelFn = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+ConditionalFn = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -18,20 +18,20 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat([a, b])
 
 
-def cfg(model_fn: ModelFn, cond: Condition, uncond: Condition | None, scale: float
+def cfg(fn: ConditionalFn, cond: Condition, uncond: Condition | None, scale: float
         ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Denoiser ``(x_t, t) -> eps`` guided with ``scale``.
+    """``(x_t, t) -> f`` guided with ``scale``, for any ``fn(x, t, condition)`` (the denoised estimate in our
+    samplers; a raw eps/v output when driving diffusers' schedulers).
 
-    ``model_fn(x, t, condition) -> eps``; ``cond``/``uncond`` are condition dicts (``context``, ``y``)
-    for the batch. A negative prompt is simply its condition passed as ``uncond``. Scale 1 (or no
-    ``uncond``) runs the conditional pass alone; otherwise both halves go through one forward.
+    ``cond``/``uncond`` are condition dicts (``context``, ``y``) for the batch. A negative prompt is simply its
+    condition passed as ``uncond``. Scale 1 (or no ``uncond``) runs the conditional pass alone.
     """
     if uncond is None or scale == 1.0:
-        return lambda x, t: model_fn(x, t, cond)
+        return lambda x, t: fn(x, t, cond)
     both = {k: _cat(uncond.get(k), cond.get(k)) for k in cond.keys() | uncond.keys()}
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps_u, eps_c = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return eps_u + scale * (eps_c - eps_u)
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        f_u, f_c = fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return f_u + scale * (f_c - f_u)
 
-    return denoise
+    return guided

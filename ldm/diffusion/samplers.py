@@ -1,155 +1,169 @@
-"""Samplers as pure functions of a denoiser ``denoise(x_t, t) -> eps`` (CFG already inside it).
+"""Samplers: short loops over ``denoised = denoiser(x, t, abar)`` in the manner of k-diffusion.
 
-Every sampler walks a descending list of integer timesteps ``t_0 > t_1 > ... > t_{n-1}`` and
-finally to the clean sample (abar = 1). Hooks:
-  ``callback(i, t, x, x0_pred)`` after each step (progress bars, previews);
-  ``after_step(x, t_next) -> x`` rewrites the state after each step (inpainting re-imposes the known
-  region noised to ``t_next``; ``t_next = -1`` means clean).
+Each walks ``NoiseLevels`` from the noisiest level to the clean sample (abar = 1), in the variance-preserving
+coordinates the network sees: x = alpha x0 + sigma eps, alpha = sqrt(abar), sigma = sqrt(1 - abar). All are finite
+at abar = 0 (zero terminal SNR) given a finite denoised estimate. Hooks:
+  ``callback(i, x, denoised)`` after each step (progress bars, previews);
+  ``after_step(x, abar_s) -> x`` rewrites the state after each step (inpainting re-imposes the known region
+  noised to abar_s).
+Randomness comes only from ``generator``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 import torch
 
-from ldm.diffusion.objectives import x0_from_eps
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.levels import NoiseLevels
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None] | None
-AfterStep = Callable[[torch.Tensor, int], torch.Tensor] | None
-SPACINGS = ("trailing", "leading", "linspace")
+Denoise = Callable[[torch.Tensor, int, float], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+AfterStep = Callable[[torch.Tensor, float], torch.Tensor] | None
 
 
-def make_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> torch.Tensor:
-    """Descending timesteps as in Lin et al. 2024, Table 2 (and diffusers' ``timestep_spacing``).
-
-    ``trailing`` starts at T-1 (needed for zero-terminal-SNR); ``leading`` at T - T/steps;
-    ``linspace`` spreads ``steps`` points evenly over [0, T-1].
-    """
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps={steps} must be between 1 and the schedule's {num_timesteps} timesteps")
-    if spacing == "trailing":
-        ts = torch.round(torch.arange(num_timesteps, 0, -num_timesteps / steps, dtype=torch.float64)) - 1
-    elif spacing == "leading":
-        ts = (torch.arange(steps, dtype=torch.float64) * (num_timesteps // steps)).flip(0)
-    elif spacing == "linspace":
-        ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().flip(0)
-    else:
-        raise ValueError(f"unknown timestep spacing '{spacing}'; expected one of {SPACINGS}")
-    return ts.long()
-
-
-def _abar(schedule: NoiseSchedule, t: int) -> float:
-    """abar_t, with abar_{-1} = 1 (the clean end point)."""
-    return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
-
-
-def _pairs(timesteps: torch.Tensor) -> list[tuple[int, int]]:
-    ts = [int(t) for t in timesteps]
-    return list(zip(ts, ts[1:] + [-1], strict=True))
-
-
-def _tvec(t: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
-
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _resolve(schedule: NoiseSchedule, steps: int, timesteps: torch.Tensor | None, spacing: str) -> torch.Tensor:
-    return make_timesteps(schedule.num_timesteps, steps, spacing) if timesteps is None else timesteps
+def _eps(x: torch.Tensor, denoised: torch.Tensor, abar: float) -> torch.Tensor:
+    """The noise implied by the denoised estimate: eps = (x - alpha D) / sigma (sigma > 0 before the end)."""
+    return (x - abar**0.5 * denoised) / (1 - abar) ** 0.5
 
 
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, int], torch.Tensor]
+def _check_eta(eta: float) -> None:
+    if not eta >= 0:
+        raise ValueError(f"eta={eta}: expected >= 0 (0: deterministic, 1: the full ancestral noise)")
 
 
-def _walk(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: torch.Tensor, step: Step,
-          callback: Callback, after_step: AfterStep) -> torch.Tensor:
-    """The loop every sampler shares: predict eps and x0 at t, let ``step`` move x to s, run the hooks."""
-    for i, (t, s) in enumerate(_pairs(timesteps)):
-        a_t, a_s = _abar(schedule, t), _abar(schedule, s)
-        eps = denoise(x, _tvec(t, x))
-        x0 = x0_from_eps(x, eps, a_t**0.5, (1 - a_t) ** 0.5)
-        x = step(x, x0, eps, a_t, a_s, s)
-        if after_step is not None:
-            x = after_step(x, s)
-        if callback is not None:
-            callback(i, t, x, x0)
+def _hooks(i: int, x: torch.Tensor, denoised: torch.Tensor, abar_s: float, callback: Callback,
+           after_step: AfterStep) -> torch.Tensor:
+    if after_step is not None:
+        x = after_step(x, abar_s)
+    if callback is not None:
+        callback(i, x, denoised)
     return x
 
 
 @torch.no_grad()
-def ddim_sample(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 50, *, eta: float = 0.0,
-                timesteps: torch.Tensor | None = None, spacing: str = "trailing",
-                generator: torch.Generator | None = None, callback: Callback = None,
-                after_step: AfterStep = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12); ``eta=0`` is deterministic, ``eta=1`` is DDPM-like ancestral.
-
-    x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s).
-    """
-
-    def step(x, x0, eps, a_t, a_s, s):
-        sigma = eta * ((1 - a_s) / (1 - a_t)) ** 0.5 * (1 - a_t / a_s) ** 0.5
-        x = a_s**0.5 * x0 + max(1 - a_s - sigma**2, 0.0) ** 0.5 * eps
-        return x + sigma * _randn_like(x, generator) if sigma > 0 and s >= 0 else x
-
-    return _walk(denoise, x, schedule, _resolve(schedule, steps, timesteps, spacing), step, callback, after_step)
+def ddim(denoiser: Denoise, x: torch.Tensor, levels: NoiseLevels, *, eta: float = 0.0,
+         generator: torch.Generator | None = None, callback: Callback = None,
+         after_step: AfterStep = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021); ``eta=0`` deterministic, ``eta=1`` the ancestral DDPM variance."""
+    _check_eta(eta)
+    for i, (t, a_t, a_s) in enumerate(levels.steps()):
+        d = denoiser(x, t, a_t)
+        eps = _eps(x, d, a_t)
+        std = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) ** 0.5  # eq. 16
+        x = a_s**0.5 * d + max(1 - a_s - std**2, 0.0) ** 0.5 * eps  # eq. 12
+        if std > 0:
+            x = x + std * _randn(x, generator)
+        x = _hooks(i, x, d, a_s, callback, after_step)
+    return x
 
 
 @torch.no_grad()
-def ddpm_sample(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 1000, *,
-                timesteps: torch.Tensor | None = None, spacing: str = "trailing",
-                generator: torch.Generator | None = None, callback: Callback = None,
-                after_step: AfterStep = None) -> torch.Tensor:
-    """Ancestral sampling from the posterior q(x_s | x_t, x0_hat) (Ho et al. 2020, eqs. 6-7), over any
-    sub-sequence of timesteps: with alpha = abar_t/abar_s and beta = 1 - alpha,
-    mean = sqrt(abar_s) beta/(1-abar_t) x0 + sqrt(alpha)(1-abar_s)/(1-abar_t) x_t, var = (1-abar_s)/(1-abar_t) beta.
-    """
+def ddpm(denoiser: Denoise, x: torch.Tensor, levels: NoiseLevels, *, generator: torch.Generator | None = None,
+         callback: Callback = None, after_step: AfterStep = None) -> torch.Tensor:
+    """Ancestral sampling from the posterior q(x_s | x_t, D) (Ho et al. 2020, eqs. 6-7) over any sub-sequence."""
+    for i, (t, a_t, a_s) in enumerate(levels.steps()):
+        d = denoiser(x, t, a_t)
+        alpha, beta = a_t / a_s, 1 - a_t / a_s  # one step's alpha and beta between the two levels
+        x = a_s**0.5 * beta / (1 - a_t) * d + alpha**0.5 * (1 - a_s) / (1 - a_t) * x  # eq. 7, posterior mean
+        var = (1 - a_s) / (1 - a_t) * beta  # eq. 7, posterior variance ("fixed small")
+        if var > 0:
+            x = x + var**0.5 * _randn(x, generator)
+        x = _hooks(i, x, d, a_s, callback, after_step)
+    return x
 
-    def step(x, x0, eps, a_t, a_s, s):
-        alpha, beta = a_t / a_s, 1 - a_t / a_s
-        x = (a_s**0.5 * beta / (1 - a_t)) * x0 + (alpha**0.5 * (1 - a_s) / (1 - a_t)) * x
-        return x + ((1 - a_s) / (1 - a_t) * beta) ** 0.5 * _randn_like(x, generator) if s >= 0 else x
 
-    return _walk(denoise, x, schedule, _resolve(schedule, steps, timesteps, spacing), step, callback, after_step)
+def _lambda(abar: float) -> float:
+    """Half the log-SNR, log(alpha/sigma); -inf at abar = 0, +inf at abar = 1."""
+    if abar <= 0.0:
+        return -math.inf
+    return math.inf if abar >= 1.0 else 0.5 * math.log(abar / (1 - abar))
 
 
 @torch.no_grad()
-def dpmpp_2m_sample(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 20, *,
-                    timesteps: torch.Tensor | None = None, spacing: str = "trailing",
+def dpmpp_2m(denoiser: Denoise, x: torch.Tensor, levels: NoiseLevels, *, generator: torch.Generator | None = None,
+             callback: Callback = None, after_step: AfterStep = None) -> torch.Tensor:
+    """DPM-Solver++(2M), data prediction, multistep midpoint form (Lu et al. 2022, Algorithm 2). Deterministic.
+
+    x_s = (sigma_s/sigma_t) x_t - alpha_s (e^-h - 1) D',  h = lambda_s - lambda_t,  D' = D + (D - D_prev)/(2r),
+    r = h_prev/h. The first step (and one after an infinite h_prev, i.e. from abar = 0) is first order; the last,
+    to abar = 1, returns D.
+    """
+    d_prev, h_prev = None, math.inf
+    for i, (t, a_t, a_s) in enumerate(levels.steps()):
+        d = denoiser(x, t, a_t)
+        if a_s >= 1.0:
+            x = d
+        else:
+            h = _lambda(a_s) - _lambda(a_t)
+            corrected = d if d_prev is None or math.isinf(h_prev) else d + (d - d_prev) * (h / (2 * h_prev))
+            x = ((1 - a_s) / (1 - a_t)) ** 0.5 * x - a_s**0.5 * math.expm1(-h) * corrected
+            d_prev, h_prev = d, h
+        x = _hooks(i, x, d, a_s, callback, after_step)
+    return x
+
+
+@torch.no_grad()
+def euler_ancestral(denoiser: Denoise, x: torch.Tensor, levels: NoiseLevels, *, eta: float = 1.0,
                     generator: torch.Generator | None = None, callback: Callback = None,
                     after_step: AfterStep = None) -> torch.Tensor:
-    """DPM-Solver++(2M), data prediction, multistep midpoint form (Lu et al. 2022, Algorithm 2).
+    """Euler ancestral (k-diffusion's ``sample_euler_ancestral``), written in VP coordinates.
 
-    With lambda = log(alpha/sigma) and h = lambda_s - lambda_t:
-      x_s = (sigma_s/sigma_t) x_t - alpha_s (e^{-h} - 1) D,  D = x0_t + (x0_t - x0_prev)/(2r), r = h_prev/h.
-    The first step is first order; the last, to the clean sample, returns the data prediction.
-    Deterministic: ``generator`` is accepted for a uniform signature.
+    In VE noise levels s = sigma/alpha: s_up = min(s_s, eta s_s sqrt(1 - (s_s/s_t)^2)), s_down = sqrt(s_s^2 - s_up^2);
+    an Euler step to s_down along eps, then fresh noise of std s_up: x_s/alpha_s = D + s_down eps + s_up z.
     """
-    prev: dict[str, object] = {"x0": None, "h": None}
+    _check_eta(eta)
+    for i, (t, a_t, a_s) in enumerate(levels.steps()):
+        d = denoiser(x, t, a_t)
+        if a_s >= 1.0:
+            x = d
+        else:
+            s_s = ((1 - a_s) / a_s) ** 0.5
+            ratio = s_s * (a_t / (1 - a_t)) ** 0.5  # s_s / s_t, 0 at abar_t = 0
+            s_up = min(s_s, eta * s_s * max(1 - ratio**2, 0.0) ** 0.5)
+            s_down = max(s_s**2 - s_up**2, 0.0) ** 0.5
+            x = a_s**0.5 * (d + s_down * _eps(x, d, a_t))
+            if s_up > 0:
+                x = x + a_s**0.5 * s_up * _randn(x, generator)
+        x = _hooks(i, x, d, a_s, callback, after_step)
+    return x
 
-    def step(x, x0, eps, a_t, a_s, s):
-        if s < 0:
-            return x0
-        alpha_t, sigma_t = a_t**0.5, (1 - a_t) ** 0.5
-        alpha_s, sigma_s = a_s**0.5, (1 - a_s) ** 0.5
-        h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)
-        d = x0 if prev["x0"] is None else x0 + (x0 - prev["x0"]) * (h / (2 * prev["h"]))
-        prev["x0"], prev["h"] = x0, h
-        return (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
 
-    return _walk(denoise, x, schedule, _resolve(schedule, steps, timesteps, spacing), step, callback, after_step)
+# name -> (sampler, the spacing it implies or None for the model's own)
+SAMPLERS: dict[str, tuple[Callable[..., torch.Tensor], str | None]] = {
+    "ddpm": (ddpm, None),
+    "ddim": (ddim, None),
+    "dpmpp_2m": (dpmpp_2m, None),
+    "dpmpp_2m_karras": (dpmpp_2m, "karras"),
+    "euler_a": (euler_ancestral, None),
+}
 
 
-SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpmpp_2m": dpmpp_2m_sample}
-
-
-def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+def check_sampler(name: str, options: dict | None = None) -> tuple[Callable[..., torch.Tensor], str | None]:
+    """The sampler and its implied spacing; refuses unknown names and options the sampler does not take."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler '{name}'; expected one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
+    fn, spacing = SAMPLERS[name]
+    accepted = {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    accepted -= {"generator", "callback", "after_step"}
+    unknown = sorted(set(options or {}) - accepted)
+    if unknown:
+        takes = f"takes {sorted(accepted)}" if accepted else "takes no options"
+        raise ValueError(f"sampler '{name}' does not use {unknown}; it {takes}")
+    if "eta" in (options or {}):
+        _check_eta(options["eta"])
+    return fn, spacing
+
+
+def sample(name: str, denoiser: Denoise, x: torch.Tensor, levels: NoiseLevels, *,
+           generator: torch.Generator | None = None, callback: Callback = None, after_step: AfterStep = None,
+           **options) -> torch.Tensor:
+    """Run the named sampler; ``options`` (e.g. ``eta``) must be ones it takes."""
+    fn, _ = check_sampler(name, options)
+    return fn(denoiser, x, levels, generator=generator, callback=callback, after_step=after_step, **options)

@@ -15,8 +15,10 @@ from torchmetrics.aggregation import MeanMetric
 from ldm.checkpoints import load_first_stage
 from ldm.conditioning.conditioner import Conditioner
 from ldm.data.manifest import MANIFEST, manifest_folder, read_manifest
-from ldm.diffusion.objectives import check_prediction, diffusion_loss, min_snr_weight, training_target
-from ldm.diffusion.samplers import get_sampler, make_timesteps
+from ldm.diffusion.denoiser import check_prediction_for
+from ldm.diffusion.levels import make_levels
+from ldm.diffusion.objectives import diffusion_loss, min_snr_weight, training_target
+from ldm.diffusion.samplers import check_sampler
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.latent_cache import weights_fingerprint
 from ldm.networks.autoencoder import AutoencoderKL
@@ -71,12 +73,12 @@ class LatentDiffusionStage(L.LightningModule):
         self.__dict__["first_stage"] = ae  # not a submodule: frozen, outside state dict and optimiser
         self.first_stage_path = Path(first_stage) if isinstance(first_stage, str | Path) else None
         sampling = dict(sampling or {})
-        get_sampler(sampling.get("sampler", "dpmpp_2m"))  # unknown names fail here, not after training
-        make_timesteps(schedule.num_timesteps, 2, spacing)
+        check_sampler(sampling.get("sampler", "dpmpp_2m"))  # unknown names fail here, not after training
+        make_levels(schedule, 2, spacing)
         self.unet = unet
         self.conditioner = conditioner
         self.schedule = schedule
-        self.prediction = check_prediction(prediction)
+        self.prediction = check_prediction_for(prediction, schedule)
         self.min_snr_gamma = min_snr_gamma
         self.latent_norm = latent_norm
         self.optimizer_factory = optimizer
