@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ldm.diffusion.levels import NoiseLevels
+from ldm.diffusion.levels import TERMINAL_ABAR, NoiseLevels
 
 Denoise = Callable[[torch.Tensor, int, float], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
@@ -80,10 +80,12 @@ def ddpm(denoiser: Denoise, x: torch.Tensor, levels: NoiseLevels, *, generator: 
 
 
 def _lambda(abar: float) -> float:
-    """Half the log-SNR, log(alpha/sigma); -inf at abar = 0, +inf at abar = 1."""
-    if abar <= 0.0:
-        return -math.inf
-    return math.inf if abar >= 1.0 else 0.5 * math.log(abar / (1 - abar))
+    """Half the log-SNR, log(alpha/sigma), +inf at abar = 1; abar = 0 counts as 2^-24 (as in diffusers), so that
+    the step from abar_T = 0 has a finite size and the next step keeps its second-order correction."""
+    if abar >= 1.0:
+        return math.inf
+    abar = max(abar, TERMINAL_ABAR)
+    return 0.5 * math.log(abar / (1 - abar))
 
 
 @torch.no_grad()
@@ -92,8 +94,8 @@ def dpmpp_2m(denoiser: Denoise, x: torch.Tensor, levels: NoiseLevels, *, generat
     """DPM-Solver++(2M), data prediction, multistep midpoint form (Lu et al. 2022, Algorithm 2). Deterministic.
 
     x_s = (sigma_s/sigma_t) x_t - alpha_s (e^-h - 1) D',  h = lambda_s - lambda_t,  D' = D + (D - D_prev)/(2r),
-    r = h_prev/h. The first step (and one after an infinite h_prev, i.e. from abar = 0) is first order; the last,
-    to abar = 1, returns D.
+    r = h_prev/h. The first step is first order; the last, to abar = 1, returns D. From abar_T = 0 the update
+    uses sigma_T = 1 exactly (x_s = sigma_s x_T + ...), finite.
     """
     d_prev, h_prev = None, math.inf
     for i, (t, a_t, a_s) in enumerate(levels.steps()):
@@ -102,7 +104,7 @@ def dpmpp_2m(denoiser: Denoise, x: torch.Tensor, levels: NoiseLevels, *, generat
             x = d
         else:
             h = _lambda(a_s) - _lambda(a_t)
-            corrected = d if d_prev is None or math.isinf(h_prev) else d + (d - d_prev) * (h / (2 * h_prev))
+            corrected = d if d_prev is None else d + (d - d_prev) * (h / (2 * h_prev))
             x = ((1 - a_s) / (1 - a_t)) ** 0.5 * x - a_s**0.5 * math.expm1(-h) * corrected
             d_prev, h_prev = d, h
         x = _hooks(i, x, d, a_s, callback, after_step)
