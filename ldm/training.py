@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import secrets
 import shutil
@@ -108,17 +107,6 @@ def pin_wandb_run_id(cfg: DictConfig, ckpt_path: str | None) -> None:
     Path(cfg.paths.output_dir, WANDB_ID_FILE).write_text(run_id)
 
 
-def scale_learning_rates(model: L.LightningModule, factor: float) -> None:
-    """Multiply the configured learning rates by ``factor`` (CompVis main.py's ``scale_lr`` rule uses
-    factor = per-device batch x devices x nodes x gradient accumulation, i.e. the global batch)."""
-    for name in ("optimizer_factory", "disc_optimizer_factory"):
-        factory = getattr(model, name, None)
-        if isinstance(factory, functools.partial) and "lr" in factory.keywords:
-            lr = factory.keywords["lr"] * factor
-            setattr(model, name, functools.partial(factory.func, *factory.args, **(factory.keywords | {"lr": lr})))
-            log.info("scale_lr: %s lr = %.3g x %g = %.3g", name, factory.keywords["lr"], factor, lr)
-
-
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that surfaces our own errors (missing export, shape mismatch...)
     as themselves rather than wrapped in Hydra's InstantiationException."""
@@ -161,9 +149,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             check_writable(callback.dirpath.parent, "paths.export_dir")
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if cfg.get("scale_lr"):
-        scale_learning_rates(model, cfg.data.batch_size * trainer.num_devices * trainer.num_nodes
-                             * trainer.accumulate_grad_batches)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config)
     log.info("training %s: precision %s, %d device(s), output in %s", cfg.task_name, trainer.precision,

@@ -89,7 +89,7 @@ def tiny_ldm_overrides(export_dir: Path) -> list[str]:
         "model.unet.model_channels=16", "model.unet.num_head_channels=8",
         "model.conditioner.embedders.0.arch.width=16", "model.conditioner.embedders.0.arch.layers=1",
         "model.conditioner.embedders.0.arch.heads=2", "model.conditioner.embedders.0.arch.context_length=8",
-        "model.conditioner.embedders.0.embed_dim=16", "model.warmup_steps=2",
+        "model.conditioner.embedders.0.embed_dim=16", "callbacks.lr_schedule.warmup_steps=2",
         "model.sampling.steps=2", "model.sampling.prompts=[a photo of a bag,a photo of a coat]",
     ]
 

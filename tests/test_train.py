@@ -108,20 +108,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_dir):
     assert meta.latent_stats.values_per_channel == 2 * 2 * 4 * 16
 
 
-def test_scale_lr_multiplies_by_the_global_batch(make_cfg):
-    from ldm.training import build, scale_learning_rates
 
-    cfg = make_cfg("ae_f8")
-    model = build(cfg.model)
-    scale_learning_rates(model, 4 * 2)
-    assert model.optimizer_factory.keywords["lr"] == pytest.approx(cfg.model.optimizer.lr * 8)
-    assert model.disc_optimizer_factory.keywords["lr"] == pytest.approx(cfg.model.optimizer.lr * 8)
-    metrics_cfg = make_cfg("ae_f8", "scale_lr=true", "trainer.max_steps=2", "callbacks.export_first_stage=null",
-                           "+callbacks.probe._target_=tests.test_reliability.Probe")
-    train(metrics_cfg)
-    from tests.test_reliability import CAPTURED
-
-    assert CAPTURED["optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(cfg.model.optimizer.lr * 4)
 
 
 def test_cluster_configs_compose_and_build(make_cfg):

@@ -23,6 +23,11 @@ class WebDataModule(L.LightningDataModule):
         super().__init__()
         self.data = ShardData(**kwargs)
 
+    @property
+    def batch_size(self) -> int:
+        """The per-device training batch."""
+        return self.data.batch_size
+
     def prepare_data(self) -> None:
         # Preparing (on first use only) must not move the run's random streams: a run that builds the data and
         # one that finds it built draw the same noise, timesteps and dropout from the same seed.

@@ -45,7 +45,7 @@ class LatentDiffusionStage(L.LightningModule):
 
     def __init__(self, *, unet: UNet, conditioner: Conditioner, first_stage: str | AutoencoderKL,
                  schedule: NoiseSchedule, optimizer: OptimizerFactory, prediction: str = "eps",
-                 min_snr_gamma: float | None = None, latent_norm: str = "channel", warmup_steps: int = 0,
+                 min_snr_gamma: float | None = None, latent_norm: str = "channel",
                  timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing",
                  max_nonfinite: int = 5, compile: bool = False, compile_mode: str = "default"):
         super().__init__()
@@ -68,8 +68,6 @@ class LatentDiffusionStage(L.LightningModule):
         if not 1 <= timestep_buckets <= schedule.num_timesteps:
             raise ValueError(f"model.timestep_buckets={timestep_buckets}: expected 1 to the schedule's "
                              f"{schedule.num_timesteps} timesteps")
-        if warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps={warmup_steps}: expected >= 0")
         self.__dict__["first_stage"] = ae  # not a submodule: frozen, outside state dict and optimiser
         self.first_stage_path = Path(first_stage) if isinstance(first_stage, str | Path) else None
         sampling = dict(sampling or {})
@@ -82,7 +80,6 @@ class LatentDiffusionStage(L.LightningModule):
         self.min_snr_gamma = min_snr_gamma
         self.latent_norm = latent_norm
         self.optimizer_factory = optimizer
-        self.warmup_steps = warmup_steps
         self.timestep_buckets = timestep_buckets
         # Validation loss per timestep bucket (a bucket without samples on any rank logs NaN).
         self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(timestep_buckets))
@@ -240,12 +237,9 @@ class LatentDiffusionStage(L.LightningModule):
             metric.update(per_sample.detach(), (bucket == k).to(per_sample.dtype))
             self.log(f"val/{name}", metric)
 
-    def configure_optimizers(self) -> dict:
-        params = list(self.unet.parameters()) + self.conditioner.trainable_parameters()
-        opt = self.optimizer_factory(params)
-        warmup = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # The learning rate over the run (warm-up, decay) is set by callbacks.lr_schedule.
+        return self.optimizer_factory(list(self.unet.parameters()) + self.conditioner.trainable_parameters())
 
     @torch.no_grad()
     def log_images(self, batch: dict, max_images: int = 10) -> dict[str, torch.Tensor]:
