@@ -22,11 +22,10 @@ from torch import nn
 
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.classifier import FashionClassifier
+from ldm.utils.files import CONFIG, WEIGHTS
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.yaml"
 FIRST_STAGE = "first_stage"
 
 

@@ -10,7 +10,6 @@ rebuilt (or refused by the stage).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -27,23 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.checkpoints import WEIGHTS, load_first_stage
+from ldm.checkpoints import load_first_stage
 from ldm.data.loaders import ShardData
 from ldm.data.manifest import MANIFEST, read_manifest
 from ldm.data.shards import write_records
 from ldm.networks.autoencoder import DiagonalGaussian
 from ldm.utils.config import auto_precision
+from ldm.utils.files import weights_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def weights_fingerprint(first_stage_dir: str | Path) -> str:
-    """SHA-256 of an exported first stage's ``model.safetensors``."""
-    digest = hashlib.sha256()
-    with open(Path(first_stage_dir) / WEIGHTS, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _records(batches: Iterator[tuple[np.ndarray, dict]]) -> Iterator[dict]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ldm.data.manifest import read_manifest
-from ldm.latent_cache import weights_fingerprint
+from ldm.utils.files import weights_fingerprint
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training import train
 from tests.conftest import ROOT, ldm_overrides

@@ -21,7 +21,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ldm.data.decode import ImageTransform, SampleDecoder, SkipCounter
-from ldm.data.manifest import manifest_folder, read_manifest, same_build
+from ldm.data.manifest import check_cache_source, manifest_folder, read_manifest, same_build
 from ldm.data.tar_reader import tar_samples
 from ldm.utils.checks import require_int
 
@@ -109,7 +109,8 @@ class ShardData:
     ``batch_size`` is per device. ``samples_per_epoch`` sets the length of a training epoch
     (global, over all ranks); ``prepare`` is an optional callable to run once per node before
     anything is read (e.g. writing the built-in dataset's shards). ``world`` is the number of
-    data-parallel ranks.
+    data-parallel ranks. ``first_stage`` (latent caches): the export whose latents the cache must hold,
+    checked against the cache's manifest by :meth:`check_source`.
     """
 
     def __init__(self, *, train_shards: str | Sequence[str], val_shards: str | Sequence[str] | None = None,
@@ -118,7 +119,7 @@ class ShardData:
                  random_crop: bool = False, hflip: bool = False, caption_key: str = "txt",
                  label_key: str = "cls", required_keys: Sequence[str] = ("image",),
                  max_consecutive_errors: int = 1000, prepare: Callable[[], object] | None = None,
-                 val_limit: int | None = None, kind: str = "image"):
+                 val_limit: int | None = None, kind: str = "image", first_stage: str | None = None):
         if kind not in ("image", "latent"):
             raise ValueError(f"data.kind={kind!r}: expected 'image' or 'latent'")
         for name, value, least in (("resolution", resolution, 1), ("batch_size", batch_size, 1),
@@ -127,6 +128,7 @@ class ShardData:
                                    ("val_limit", val_limit, 1)):
             require_int(f"data.{name}", value, least, optional=name in ("val_batch_size", "val_limit"))
         self.kind = kind
+        self.first_stage = first_stage
         self.train_spec, self.val_spec = train_shards, val_shards
         self.resolution = resolution
         self.batch_size = batch_size
@@ -147,6 +149,11 @@ class ShardData:
     def prepare(self) -> None:
         if self.prepare_fn is not None:
             self.prepare_fn()
+
+    def check_source(self) -> None:
+        """A latent cache must have been written by ``first_stage`` (every rank checks before reading)."""
+        if self.kind == "latent" and self.first_stage is not None:
+            check_cache_source(self.train_spec, self.first_stage)
 
     @staticmethod
     def _shard_list(urls: list[str], spec: Any, resampled: bool = False, seed: int = 0) -> list:

@@ -8,10 +8,14 @@ was rebuilt underneath it (by another run) and stop instead of mixing shards of 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ldm.utils.files import weights_fingerprint
+
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
@@ -47,3 +51,19 @@ def same_build(urls: Iterator[dict], folder: Path, build_id: str) -> Iterator[di
                 "Give each first stage its own cache folder (data.prepare.out_dir=...) and resume with "
                 "ckpt_path=last")
         yield item
+
+
+def check_cache_source(shards: Any, first_stage: str | Path) -> None:
+    """Refuse a latent cache written by another first stage than the export ``first_stage`` (the manifest names
+    the weights' SHA-256); a cache without a manifest is accepted with a warning."""
+    folder = manifest_folder(shards)
+    manifest = read_manifest(folder) if folder is not None else None
+    if manifest is None:
+        log.warning("no %s next to %s: cannot verify the latent cache was made by %s", MANIFEST, shards, first_stage)
+        return
+    expected = weights_fingerprint(first_stage)
+    if manifest.get("first_stage_sha256") != expected:
+        raise ValueError(f"the latent cache {shards} was made by the first stage {manifest.get('first_stage')} "
+                         f"(sha256 {str(manifest.get('first_stage_sha256'))[:12]}…), not by model.first_stage="
+                         f"{first_stage} (sha256 {expected[:12]}…); rebuild it with scripts/cache_latents.py or "
+                         "point data.prepare at this first stage")

@@ -28,6 +28,10 @@ class WebDataModule(L.LightningDataModule):
         """The per-device training batch."""
         return self.data.batch_size
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.data.check_source()
+
     def prepare_data(self) -> None:
         # Preparing (on first use only) must not move the run's random streams: a run that builds the data and
         # one that finds it built draw the same noise, timesteps and dropout from the same seed.

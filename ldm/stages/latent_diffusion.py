@@ -14,13 +14,11 @@ from torchmetrics.aggregation import MeanMetric
 
 from ldm.checkpoints import load_first_stage
 from ldm.conditioning.conditioner import Conditioner
-from ldm.data.manifest import MANIFEST, manifest_folder, read_manifest
 from ldm.diffusion.denoiser import check_prediction_for
 from ldm.diffusion.levels import make_levels
 from ldm.diffusion.objectives import diffusion_loss, min_snr_weight, training_target
 from ldm.diffusion.samplers import check_sampler
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.latent_cache import weights_fingerprint
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
@@ -31,12 +29,23 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
+def _without_first_stage(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "first_stage.")]:
+        del state_dict[key]
+
+
+def _with_own_first_stage(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """A state dict without first-stage weights loads strictly: the module's own (from its export) fill the gap."""
+    for key, value in module.first_stage.state_dict(prefix=prefix + "first_stage.").items():
+        state_dict.setdefault(key, value)
+
+
 class LatentDiffusionStage(L.LightningModule):
     """Noise-prediction training on latents of an exported, frozen first stage.
 
-    The first stage is held outside the module's parameters, state dict and optimiser (it is
-    only moved with the module); latents are normalised with the statistics measured at its
-    export. ``first_stage`` is the export folder (or an ``AutoencoderKL`` already loaded).
+    The first stage is a frozen submodule (no gradients, always in eval mode, not in the optimiser);
+    latents are normalised with the statistics measured at its export. ``first_stage`` is the export
+    folder (or an ``AutoencoderKL`` already loaded).
     """
 
     # Every trainable parameter (U-Net, trainable embedders) gets a gradient in every backward: DDP need
@@ -68,8 +77,11 @@ class LatentDiffusionStage(L.LightningModule):
         if not 1 <= timestep_buckets <= schedule.num_timesteps:
             raise ValueError(f"model.timestep_buckets={timestep_buckets}: expected 1 to the schedule's "
                              f"{schedule.num_timesteps} timesteps")
-        self.__dict__["first_stage"] = ae  # not a submodule: frozen, outside state dict and optimiser
-        self.first_stage_path = Path(first_stage) if isinstance(first_stage, str | Path) else None
+        # A frozen submodule: moved with the stage and in eval mode, never in the optimiser, and not part of the
+        # trained state (checkpoints hold U-Net + conditioner; the first stage comes from its export).
+        self.first_stage = ae
+        self.register_state_dict_post_hook(_without_first_stage)
+        self.register_load_state_dict_pre_hook(_with_own_first_stage)
         sampling = dict(sampling or {})
         check_sampler(sampling.get("sampler", "dpmpp_2m"))  # unknown names fail here, not after training
         make_levels(schedule, 2, spacing)
@@ -93,38 +105,16 @@ class LatentDiffusionStage(L.LightningModule):
         self.compile_mode = check_compile_mode(compile_mode)
         self.run_config: dict[str, Any] | None = None
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> LatentDiffusionStage:
-        super()._apply(fn, recurse)
-        self.first_stage._apply(fn, recurse)
-        return self
-
     def configure_model(self) -> None:
         # Lightning may call this hook more than once; compile in place once (parameter names unchanged).
         if self.compile_networks and not getattr(self, "_compiled", False):
             compile_in_place({"unet": self.unet}, self.compile_mode)
             self._compiled = True
 
-    def on_fit_start(self) -> None:
-        data = getattr(self.trainer.datamodule, "data", None)
-        if data is not None and data.kind == "latent":
-            self.check_latent_cache(data.train_spec)
-
-    def check_latent_cache(self, shards: Any) -> None:
-        """Refuse a latent cache written by another first stage (its manifest names the weights' SHA-256)."""
-        if self.first_stage_path is None or not isinstance(shards, str | Path):
-            return
-        folder = manifest_folder(shards)
-        manifest = read_manifest(folder) if folder is not None else None
-        if manifest is None:
-            log.warning("no %s next to %s: cannot verify the latent cache was made by %s", MANIFEST, shards,
-                        self.first_stage_path)
-            return
-        expected = weights_fingerprint(self.first_stage_path)
-        if manifest.get("first_stage_sha256") != expected:
-            raise ValueError(f"the latent cache {shards} was made by the first stage {manifest.get('first_stage')} "
-                             f"(sha256 {str(manifest.get('first_stage_sha256'))[:12]}…), not by model.first_stage="
-                             f"{self.first_stage_path} (sha256 {expected[:12]}…); rebuild it with "
-                             "scripts/cache_latents.py or point data.prepare at this first stage")
+    def train(self, mode: bool = True) -> LatentDiffusionStage:
+        super().train(mode)
+        self.first_stage.eval()  # frozen: always in inference mode
+        return self
 
     def pipeline(self) -> LatentDiffusionPipeline:
         """A sampling pipeline over this module's current weights."""
