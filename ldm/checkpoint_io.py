@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ldm.checkpoints import load_pickle_safely
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with write-to-temp + fsync + ``os.replace`` saves and weights-only loads."""
@@ -36,10 +38,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | Path, map_location: Callable | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
-            raise ValueError(f"refusing checkpoint {path}: it does not load with weights_only=True ({err})") from err
+        return load_pickle_safely(path, "checkpoint", map_location or "cpu")

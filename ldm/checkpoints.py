@@ -138,21 +138,29 @@ def read_export_config(path: str | Path, kind: str, make_hint: str = "") -> tupl
     return folder, cfg
 
 
-def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Tensors of a weights file from outside: safetensors, or a torch pickle loaded with
-    ``weights_only=True`` so that a file which would run code when unpickled is refused.
-    A Lightning/CompVis checkpoint's ``state_dict`` entry is returned when present."""
+def load_pickle_safely(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """The one way a torch pickle (``.ckpt``, ``.pt``, ``.bin``) is read here: ``weights_only=True``, so that a
+    file which would run code when unpickled is refused, naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path, what)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
         raise ValueError(f"refusing {what} file {path}: it does not load with weights_only=True, i.e. it holds "
                          f"more than tensors and plain containers and could run code when unpickled ({err}). "
                          "Convert it to safetensors where it was made, from a trusted source.") from err
+
+
+def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Tensors of a weights file from outside: safetensors, or a torch pickle read by :func:`load_pickle_safely`.
+    A Lightning/CompVis checkpoint's ``state_dict`` entry is returned when present."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file {path} does not exist")
+        return read_safetensors(path, what)
+    state = load_pickle_safely(path, what)
     if not isinstance(state, dict):
         raise ValueError(f"{what} file {path} holds a {type(state).__name__}, expected a dict of tensors")
     return state.get("state_dict", state)
@@ -167,9 +175,10 @@ def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch
                          "it") from err
 
 
-def load_weights(model: nn.Module, file: Path) -> None:
-    """Load a safetensors state dict strictly, naming missing and unexpected keys on mismatch."""
-    state = read_safetensors(file)
+def load_weights(model: nn.Module, weights: Path | dict[str, torch.Tensor], source: str | Path | None = None) -> None:
+    """Load a state dict (or a safetensors file) strictly, naming missing and unexpected keys on mismatch."""
+    state = read_safetensors(weights) if isinstance(weights, Path) else weights
+    file = weights if isinstance(weights, Path) else source
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{file} does not match {type(model).__name__}: missing keys {result.missing_keys[:10]}"
@@ -204,3 +213,50 @@ CLASSIFIER = "classifier"
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The exported Fashion-MNIST evaluator classifier."""
     return load_exported(path, CLASSIFIER, FashionClassifier, "python scripts/train_classifier.py", device)
+
+
+LATENT_DIFFUSION = "latent_diffusion"
+MAKE_LDM = "python train.py experiment=ldm_f8"
+
+
+def read_pipeline(path: str | Path, ema: bool = True) -> tuple[dict, AutoencoderKL, dict[str, torch.Tensor], Path]:
+    """What a latent diffusion pipeline is built from, read from an export folder or a stage-2 Lightning
+    checkpoint: (model config, the frozen first stage, U-Net + conditioner weights, the config's source file).
+
+    A checkpoint gives its EMA weights (``ema=False``: the raw ones) and names its first stage's export."""
+    path = Path(path)
+    if path.is_dir() or path.name == WEIGHTS:
+        folder, cfg = read_export_config(path, LATENT_DIFFUSION, MAKE_LDM)
+        return cfg["model"], load_first_stage(folder / FIRST_STAGE), read_safetensors(folder / WEIGHTS), folder / CONFIG
+    if path.suffix != ".ckpt":
+        raise FileNotFoundError(f"{path} is neither an exported model folder nor a .ckpt file; make one with: "
+                                f"{MAKE_LDM}")
+    ckpt = load_pickle_safely(path)
+    run_cfg = ckpt.get("ldm_config") if isinstance(ckpt, dict) else None
+    if not run_cfg:
+        raise ValueError(f"{path} carries no ldm_config: not a checkpoint written by this framework's train.py")
+    model_cfg = run_cfg["model"]
+    target = model_cfg.get("_target_", "")
+    if not target.endswith("LatentDiffusionStage"):
+        kind = "an autoencoder (stage 1)" if target.endswith("AutoencoderStage") else f"a '{target}'"
+        raise ValueError(f"{path} is {kind} checkpoint, not a latent diffusion (stage 2) one; "
+                         f"sample from a checkpoint of `{MAKE_LDM}`")
+    state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
+    if not ema and "current_model_state" not in ckpt:
+        log.warning("%s holds no separate raw weights (trained without EMA); using its state_dict", path)
+    weights = {k: v for k, v in state.items() if k.split(".")[0] in ("unet", "conditioner")}
+    return model_cfg, load_first_stage(model_cfg["first_stage"]), weights, path
+
+
+def export_pipeline(path: str | Path, bundle: nn.Module, model_config: dict, metadata: dict,
+                    first_stage: AutoencoderKL, run_config: dict | None = None) -> Path:
+    """One self-contained folder: U-Net + conditioner (``bundle``: ``unet.*``, ``conditioner.*``) with their config,
+    and the first stage in ``first_stage/`` as it was exported."""
+    fs_export = getattr(first_stage, "export_config", None)
+    if fs_export is None:
+        raise ValueError("exporting a pipeline needs a first stage loaded with ldm.checkpoints.load_first_stage")
+    path = Path(path)
+    export_folder(path, bundle, LATENT_DIFFUSION, model_config, metadata, run_config)
+    export_folder(path / FIRST_STAGE, first_stage, FIRST_STAGE, fs_export["model"], fs_export["metadata"],
+                  fs_export.get("run_config"))
+    return path

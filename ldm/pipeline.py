@@ -22,16 +22,7 @@ from PIL import Image
 from rich.progress import Progress
 from torch import nn
 
-from ldm.checkpoints import (
-    CONFIG,
-    FIRST_STAGE,
-    WEIGHTS,
-    export_folder,
-    instantiate_trusted,
-    load_first_stage,
-    load_weights,
-    read_export_config,
-)
+from ldm.checkpoints import export_pipeline, instantiate_trusted, load_weights, read_pipeline
 from ldm.conditioning.conditioner import Conditioner
 from ldm.data.decode import to_rgb
 from ldm.diffusion.denoiser import Denoiser, check_prediction_for
@@ -44,7 +35,6 @@ from ldm.utils.checks import require_int
 
 log = logging.getLogger(__name__)
 
-LATENT_DIFFUSION = "latent_diffusion"
 ImageInput = Image.Image | str | Path | torch.Tensor | np.ndarray
 
 
@@ -98,20 +88,14 @@ class LatentDiffusionPipeline:
             m.to(device)
         return self
 
-    # ----- loading and export -------------------------------------------------------------------
+    # ----- loading and export (ldm.checkpoints reads and writes the files) ----------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         ema: bool = True) -> LatentDiffusionPipeline:
         """An exported folder or a Lightning checkpoint of the latent diffusion stage."""
-        path = Path(path)
-        if path.is_dir() or path.name == WEIGHTS:
-            folder, cfg_ = read_export_config(path, LATENT_DIFFUSION, "python train.py experiment=ldm_f8")
-            pipe = cls._build(cfg_["model"], load_first_stage(folder / "first_stage"), folder / CONFIG)
-            load_weights(_Bundle(pipe.unet, pipe.conditioner), folder / WEIGHTS)
-        elif path.suffix == ".ckpt":
-            pipe = cls._from_checkpoint(path, ema)
-        else:
-            raise FileNotFoundError(f"{path} is neither an exported model folder nor a .ckpt file")
+        model_cfg, first_stage, weights, source = read_pipeline(path, ema)
+        pipe = cls._build(model_cfg, first_stage, source)
+        load_weights(_Bundle(pipe.unet, pipe.conditioner), weights, source)
         pipe.to(device)
         for m in (pipe.unet, pipe.conditioner, pipe.first_stage):
             m.eval().requires_grad_(False)
@@ -128,50 +112,15 @@ class LatentDiffusionPipeline:
         pipe.config = model_cfg
         return pipe
 
-    @classmethod
-    def _from_checkpoint(cls, path: Path, ema: bool) -> LatentDiffusionPipeline:
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
-            raise ValueError(f"{path}: not a checkpoint that loads with weights_only=True ({err})") from err
-        run_cfg = ckpt.get("ldm_config") if isinstance(ckpt, dict) else None
-        if not run_cfg:
-            raise ValueError(f"{path} carries no ldm_config: not a checkpoint written by this framework's train.py")
-        model_cfg = run_cfg["model"]
-        target = model_cfg.get("_target_", "")
-        if not target.endswith("LatentDiffusionStage"):
-            kind = "an autoencoder (stage 1)" if target.endswith("AutoencoderStage") else f"a '{target}'"
-            raise ValueError(f"{path} is {kind} checkpoint, not a latent diffusion (stage 2) one; "
-                             "sample from a checkpoint of `python train.py experiment=ldm_f8`")
-        pipe = cls._build(model_cfg, load_first_stage(model_cfg["first_stage"]), path)
-        state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
-        if not ema and "current_model_state" not in ckpt:
-            log.warning("%s holds no separate raw weights (trained without EMA); using its state_dict", path)
-        bundle = _Bundle(pipe.unet, pipe.conditioner)
-        result = bundle.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] in ("unet", "conditioner")},
-                                        strict=False)
-        if result.missing_keys:
-            raise ValueError(f"{path}: missing weights for {result.missing_keys[:10]}")
-        return pipe
-
     def save_pretrained(self, path: str | Path, run_config: dict | None = None, metadata: dict | None = None) -> Path:
         """Export U-Net + conditioner (``model.safetensors``), their config, and the first stage in
         ``first_stage/``: one self-contained folder. ``metadata`` adds entries (e.g. training throughput)."""
-        path = Path(path)
-        fs_export = getattr(self.first_stage, "export_config", None)
-        if fs_export is None:
-            raise ValueError("save_pretrained needs a first stage loaded with ldm.checkpoints.load_first_stage")
         metadata = {"resolution": self.first_stage.resolution,
                     "downsampling_factor": self.first_stage.downsampling_factor,
                     "latent_channels": self.first_stage.embed_dim, "prediction": self.prediction,
                     "latent_norm": self.latent_norm} | (metadata or {})
-        export_folder(path, _Bundle(self.unet, self.conditioner), LATENT_DIFFUSION, self.config, metadata,
-                      run_config)
-        export_folder(path / "first_stage", self.first_stage, FIRST_STAGE, fs_export["model"],
-                      fs_export["metadata"], fs_export.get("run_config"))
-        return path
+        return export_pipeline(path, _Bundle(self.unet, self.conditioner), self.config, metadata, self.first_stage,
+                               run_config)
 
     # ----- sampling -----------------------------------------------------------------------------
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ldm.checkpoints import load_classifier, load_first_stage, read_export_config
+from ldm.checkpoints import LATENT_DIFFUSION, load_classifier, load_first_stage, read_export_config
 from ldm.evaluation.cli import add_judge_args, judge_from_args, reference_batches, sampling_from_args
 from ldm.evaluation.features import build_extractor
 from ldm.evaluation.reconstruction import evaluate_reconstruction
 from ldm.evaluation.report import line_plot, write_table
-from ldm.pipeline import LATENT_DIFFUSION, LatentDiffusionPipeline
+from ldm.pipeline import LatentDiffusionPipeline
 
 log = logging.getLogger("ablation_report")
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from ldm.data.manifest import read_manifest
-from ldm.utils.files import weights_fingerprint
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training import train
+from ldm.utils.files import weights_fingerprint
 from tests.conftest import ROOT, ldm_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("ldm_*.yaml"))

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
-import lightning as L
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.networks.autoencoder import AutoencoderKL
-from ldm.stages.guard import NonFiniteGuard, is_logging_step, refuse_nonfinite_weights, uncount_steps
-from ldm.utils.compiling import check_compile_mode, compile_in_place
-
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+from ldm.stages.base import OptimizerFactory, Stage
+from ldm.stages.guard import NonFiniteGuard
 
 
-class AutoencoderStage(L.LightningModule):
+class AutoencoderStage(Stage):
     """Alternates an autoencoder step and a discriminator step on every batch.
 
     Both optimisers step on every batch (the discriminator's is a no-op before ``disc_start``),
@@ -32,7 +28,7 @@ class AutoencoderStage(L.LightningModule):
     def __init__(self, *, autoencoder: AutoencoderKL, loss: AutoencoderLoss, optimizer: OptimizerFactory,
                  disc_optimizer: OptimizerFactory, grad_clip: float | None = None, max_nonfinite: int = 5,
                  compile: bool = False, compile_mode: str = "default"):
-        super().__init__()
+        super().__init__(compile, compile_mode)
         self.automatic_optimization = False
         self.autoencoder = autoencoder
         self.loss = loss
@@ -41,18 +37,14 @@ class AutoencoderStage(L.LightningModule):
         self.grad_clip = grad_clip
         self.guard = NonFiniteGuard(max_nonfinite, "autoencoder")
         self.disc_guard = NonFiniteGuard(max_nonfinite, "discriminator")
-        self.compile_networks = compile
-        self.compile_mode = check_compile_mode(compile_mode)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
-        self.run_config: dict[str, Any] | None = None
 
-    def configure_model(self) -> None:
-        # Lightning may call this hook more than once; compile in place once (parameter names unchanged).
-        if self.compile_networks and not getattr(self, "_compiled", False):
-            compile_in_place({"autoencoder": self.autoencoder, "discriminator": self.loss.discriminator},
-                             self.compile_mode)
-            self._compiled = True
+    def compiled_networks(self) -> dict[str, torch.nn.Module]:
+        return {"autoencoder": self.autoencoder, "discriminator": self.loss.discriminator}
+
+    def guards(self) -> list[NonFiniteGuard]:
+        return [self.guard, self.disc_guard]
 
     @property
     def batch_step(self) -> int:
@@ -98,17 +90,6 @@ class AutoencoderStage(L.LightningModule):
         self.log("train/rec", logs["rec_loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
         return g_loss.detach()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if is_logging_step(self._trainer):
-            self._read_guards()
-
-    def on_train_end(self) -> None:
-        self._read_guards()
-
-    def _read_guards(self) -> None:
-        for guard in (self.guard, self.disc_guard):
-            uncount_steps(self.trainer, guard.read(self.global_step))
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
         xrec, posterior = self.autoencoder(x, sample_posterior=False)
@@ -127,9 +108,3 @@ class AutoencoderStage(L.LightningModule):
         x = batch["image"][:max_images].to(self.device)
         xrec, _ = self.autoencoder(x, sample_posterior=False)
         return {"inputs": x, "reconstructions": xrec.clamp(-1, 1)}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        refuse_nonfinite_weights(self, self.global_step)
-        # The resolved run config travels inside every checkpoint so it alone rebuilds the model.
-        if self.run_config is not None:
-            checkpoint["ldm_config"] = self.run_config

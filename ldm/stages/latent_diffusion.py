@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
@@ -22,11 +20,10 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.stages.guard import NonFiniteGuard, is_logging_step, refuse_nonfinite_weights, uncount_steps
-from ldm.utils.compiling import check_compile_mode, compile_in_place
+from ldm.stages.base import OptimizerFactory, Stage
+from ldm.stages.guard import NonFiniteGuard, is_logging_step
 
 log = logging.getLogger(__name__)
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
 def _without_first_stage(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -40,7 +37,7 @@ def _with_own_first_stage(module: nn.Module, state_dict: dict, prefix: str, *arg
         state_dict.setdefault(key, value)
 
 
-class LatentDiffusionStage(L.LightningModule):
+class LatentDiffusionStage(Stage):
     """Noise-prediction training on latents of an exported, frozen first stage.
 
     The first stage is a frozen submodule (no gradients, always in eval mode, not in the optimiser);
@@ -57,7 +54,7 @@ class LatentDiffusionStage(L.LightningModule):
                  min_snr_gamma: float | None = None, latent_norm: str = "channel",
                  timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing",
                  max_nonfinite: int = 5, compile: bool = False, compile_mode: str = "default"):
-        super().__init__()
+        super().__init__(compile, compile_mode)
         ae = load_first_stage(first_stage) if isinstance(first_stage, str | Path) else first_stage
         ae.eval().requires_grad_(False)
         where = first_stage if isinstance(first_stage, str | Path) else "the given first stage"
@@ -101,15 +98,12 @@ class LatentDiffusionStage(L.LightningModule):
         self._loss_parts: dict[str, torch.Tensor] = {}
         # Training loss per timestep bucket, summed on the device over a logging interval: (sum, count) rows.
         self._train_buckets: torch.Tensor | None = None
-        self.compile_networks = compile
-        self.compile_mode = check_compile_mode(compile_mode)
-        self.run_config: dict[str, Any] | None = None
 
-    def configure_model(self) -> None:
-        # Lightning may call this hook more than once; compile in place once (parameter names unchanged).
-        if self.compile_networks and not getattr(self, "_compiled", False):
-            compile_in_place({"unet": self.unet}, self.compile_mode)
-            self._compiled = True
+    def compiled_networks(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
+    def guards(self) -> list[NonFiniteGuard]:
+        return [self.guard]
 
     def train(self, mode: bool = True) -> LatentDiffusionStage:
         super().train(mode)
@@ -207,13 +201,6 @@ class LatentDiffusionStage(L.LightningModule):
         self.guard.step(optimizer, self._loss_parts, groups, self.trainer.world_size)
         self.log("train/nonfinite_skipped", self.guard.skipped_tensor, batch_size=1)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if is_logging_step(self._trainer):
-            uncount_steps(self.trainer, self.guard.read(self.global_step))
-
-    def on_train_end(self) -> None:
-        uncount_steps(self.trainer, self.guard.read(self.global_step))
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed latent draws, noise and timesteps per batch index: validation losses are comparable across epochs,
         # and validation leaves the training RNG streams where they were.
@@ -245,8 +232,3 @@ class LatentDiffusionStage(L.LightningModule):
                                  output_type="tensor")
         self.train(was_training)
         return {"samples": images[:max_images]}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        refuse_nonfinite_weights(self, self.global_step)
-        if self.run_config is not None:
-            checkpoint["ldm_config"] = self.run_config
