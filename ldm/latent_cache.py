@@ -68,8 +68,8 @@ class PosteriorEncoder:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            moments = self.ae.quant_conv(self.ae.encoder(images))
-        post = DiagonalGaussian(moments.float())
+            moments = self.ae.moments(images)
+        post = DiagonalGaussian(moments.float())  # mean and std in float32 from the (bf16) moments
         return torch.cat([post.mean, post.std], dim=1).to(torch.float16)
 
 

@@ -9,7 +9,6 @@ Lightning ``.ckpt`` of the latent diffusion stage (EMA weights by default). Call
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,6 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.utils.checks import require_int
-
-log = logging.getLogger(__name__)
 
 ImageInput = Image.Image | str | Path | torch.Tensor | np.ndarray
 

@@ -53,12 +53,6 @@ class SkipCounter:
     def valid(self) -> int:
         return self._valid.value
 
-    def reset(self) -> None:
-        with self._skipped.get_lock():
-            self._skipped.value = 0
-        with self._valid.get_lock():
-            self._valid.value = 0
-
     def ok(self) -> None:
         self._consecutive = 0
         with self._valid.get_lock():

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm.data.manifest import MANIFEST
 from ldm.data.shards import Sample, write_shards
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-MANIFEST = "manifest.json"
 
 
 def caption_for(label: int) -> str:
@@ -38,6 +38,11 @@ def caption_for(label: int) -> str:
     name = CLASS_NAMES[label]
     article = "an" if name[0] in "aeiou" else "a"
     return f"a photo of {article} {name}"
+
+
+def class_prompts() -> list[str]:
+    """The ten class captions in label order ("a photo of a t-shirt", ...): the default sampling prompts."""
+    return [caption_for(i) for i in range(len(CLASS_NAMES))]
 
 
 def read_idx(path: Path) -> np.ndarray:

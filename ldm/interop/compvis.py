@@ -25,7 +25,6 @@ from ldm.networks.unet import UNet
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
-TEXT_PREFIX = "cond_stage_model.model."
 
 
 def ema_key(key: str) -> str:
@@ -76,18 +75,6 @@ def load_compvis_first_stage(ae: AutoencoderKL, state: dict[str, torch.Tensor], 
     if scale_factor is not None:
         ae.latent_mean.zero_()
         ae.latent_std.fill_(1.0 / scale_factor)
-
-
-def load_compvis_text(text_tower: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> None:
-    """Stable Diffusion 2's FrozenOpenCLIPEmbedder weights (``cond_stage_model.model.*``, open_clip names)
-    into an open_clip text tower (``OpenCLIPTextEmbedder.text``); the vision tower is ignored."""
-    weights = _sub_state(state, TEXT_PREFIX)
-    if not weights:
-        raise ValueError(f"{source}: no '{TEXT_PREFIX}*' keys (only the OpenCLIP text encoder layout of Stable "
-                         "Diffusion 2 is supported)")
-    own = text_tower.state_dict()
-    strict_load(text_tower, {k: v for k, v in weights.items() if k in own or not k.startswith(("visual.", "logit"))},
-                f"{source} ({TEXT_PREFIX}*)", ignore=("attn_mask",))
 
 
 def unet_args_from_compvis(params: dict[str, Any]) -> dict[str, Any]:

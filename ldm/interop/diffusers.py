@@ -7,7 +7,7 @@ written and the other is its inverse over our model's keys. Configs are translat
 features diffusers' classes cannot express (attention inside the VAE's levels, a GroupNorm that is
 not 32 groups) are refused with a message.
 
-    save_diffusers(pipe_or_model, "out/")         # -> out/unet/, out/vae/ as diffusers folders
+    save_diffusers_folder(unet, "out/unet")        # a folder diffusers' UNet2DConditionModel.from_pretrained loads
     unet = unet_from_diffusers("sd/unet")          # a diffusers folder (config.json + weights)
 """
 

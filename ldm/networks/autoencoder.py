@@ -274,8 +274,12 @@ class AutoencoderKL(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(embed_dim))
         self.register_buffer("latent_std", torch.ones(embed_dim))
 
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior's (mean, log-variance) maps, concatenated on the channel axis."""
+        return self.quant_conv(self.encoder(x))
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussian(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))

@@ -6,6 +6,7 @@ import functools
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -29,8 +30,8 @@ def auto_precision(accelerator: str = "auto") -> str:
 
 def auto_compile(accelerator: str = "auto") -> bool:
     """torch.compile the networks on CUDA (fused kernels, far fewer launches); not on a CPU, where compiling
-    takes 1.5-2 minutes and the eager step is within 0-15% of the compiled one (benchmarks/results/train_step.md),
-    so a short run loses more than it gains."""
+    compiling takes minutes for a step barely faster than eager (benchmarks/results/train_step.md), so a short
+    run loses more than it gains."""
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
@@ -54,7 +55,7 @@ def auto_num_workers(accelerator: str = "auto") -> int:
 
     Training on the CPU: the cores that torch's compute threads leave free (none on a 2-core machine with
     2 threads). A worker sharing a core with the compute threads stalls their thread pool each time it
-    runs: stage 2 on the latent cache went from 135 to 110 images/s with 2 workers on 2 cores.
+    runs (benchmarks/results/throughput*.md: records/s per worker count).
     On GPUs: the cores per GPU less one for the main process, between 1 and 8.
     """
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
@@ -62,11 +63,12 @@ def auto_num_workers(accelerator: str = "auto") -> int:
     return max(0, usable_cpus() - torch.get_num_threads())
 
 
-def class_prompts() -> list[str]:
-    """The built-in dataset's ten class captions ("a photo of a t-shirt", ...)."""
-    from ldm.data.fashion_mnist import CLASS_NAMES, caption_for
+def call(path: str) -> Any:
+    """The value of the function named by its dotted path, called without arguments (configs name functions as
+    they name classes in ``_target_``): ``${ldm.call:ldm.data.fashion_mnist.class_prompts}``."""
+    from hydra.utils import get_method
 
-    return [caption_for(i) for i in range(len(CLASS_NAMES))]
+    return get_method(path)()
 
 
 def module_classes(*paths: str) -> set[type]:
@@ -104,7 +106,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
     OmegaConf.register_new_resolver("ldm.run_token", run_token, replace=True)
     OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
-    OmegaConf.register_new_resolver("ldm.class_prompts", class_prompts, replace=True)
+    OmegaConf.register_new_resolver("ldm.call", call, replace=True)
     OmegaConf.register_new_resolver("ldm.ddp_find_unused", ddp_find_unused_parameters, replace=True)
 
 
