@@ -67,10 +67,7 @@ class LatentDiffusionPipeline:
 
     def __init__(self, unet: UNet, conditioner: Conditioner, first_stage: AutoencoderKL, schedule: NoiseSchedule,
                  *, prediction: str = "eps", latent_norm: str = "channel", spacing: str = "trailing"):
-        self.unet = unet
-        self.conditioner = conditioner
-        self.first_stage = first_stage
-        self.schedule = schedule
+        self.unet, self.conditioner, self.first_stage, self.schedule = unet, conditioner, first_stage, schedule
         self.prediction = check_prediction_for(prediction, schedule)
         self.latent_norm = latent_norm
         self.spacing = spacing

@@ -60,11 +60,8 @@ class LRSchedule(Callback):
             raise ValueError(f"callbacks.lr_schedule.decay_fraction={decay_fraction}: expected a value in [0, 1]")
         if not 0.0 <= final_factor <= 1.0:
             raise ValueError(f"callbacks.lr_schedule.final_factor={final_factor}: expected a value in [0, 1]")
-        self.warmup_steps = warmup_steps
-        self.decay = decay
-        self.decay_fraction = decay_fraction
-        self.final_factor = final_factor
-        self.scale_lr = scale_lr
+        self.warmup_steps, self.decay, self.decay_fraction = warmup_steps, decay, decay_fraction
+        self.final_factor, self.scale_lr = final_factor, scale_lr
         self.sync_every = max(1, sync_every)
         self.factor = 1.0
         self._time_progress = 0.0

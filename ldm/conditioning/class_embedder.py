@@ -19,10 +19,7 @@ class ClassEmbedder(nn.Module):
         super().__init__()
         if output not in ("context", "y"):
             raise ValueError(f"ClassEmbedder output must be 'context' or 'y', not '{output}'")
-        self.num_classes = num_classes
-        self.embed_dim = embed_dim
-        self.output = output
-        self.ucg_rate = ucg_rate
+        self.num_classes, self.embed_dim, self.output, self.ucg_rate = num_classes, embed_dim, output, ucg_rate
         self.frozen = False
         self.embedding = nn.Embedding(num_classes + 1, embed_dim)
 

@@ -152,11 +152,8 @@ class SampleDecoder:
                  kind: str = "image"):
         if kind not in KINDS:
             raise ValueError(f"data kind must be one of {KINDS}, not '{kind}'")
-        self.kind = kind
-        self.transform = transform
-        self.counter = counter
-        self.caption_key = caption_key
-        self.label_key = label_key
+        self.kind, self.transform, self.counter = kind, transform, counter
+        self.caption_key, self.label_key = caption_key, label_key
         self.required = tuple(required)
         self.seed = seed
         self._rng: random.Random | None = None

@@ -52,12 +52,8 @@ class AutoencoderLoss(nn.Module):
             raise ValueError("perceptual_weight > 0 needs a perceptual loss module (model.loss.perceptual)")
         self.discriminator = discriminator
         self.perceptual = perceptual if perceptual_weight > 0 else None
-        self.kl_weight = kl_weight
-        self.pixel_weight = pixel_weight
-        self.perceptual_weight = perceptual_weight
-        self.disc_start = disc_start
-        self.disc_weight = disc_weight
-        self.disc_factor = disc_factor
+        self.kl_weight, self.pixel_weight, self.perceptual_weight = kl_weight, pixel_weight, perceptual_weight
+        self.disc_start, self.disc_weight, self.disc_factor = disc_start, disc_weight, disc_factor
 
     def disc_active(self, step: int) -> bool:
         return self.disc_factor > 0 and step >= self.disc_start

@@ -30,10 +30,8 @@ class AutoencoderStage(Stage):
                  compile: bool = False, compile_mode: str = "default"):
         super().__init__(compile, compile_mode)
         self.automatic_optimization = False
-        self.autoencoder = autoencoder
-        self.loss = loss
-        self.optimizer_factory = optimizer
-        self.disc_optimizer_factory = disc_optimizer
+        self.autoencoder, self.loss = autoencoder, loss
+        self.optimizer_factory, self.disc_optimizer_factory = optimizer, disc_optimizer
         self.grad_clip = grad_clip
         self.guard = NonFiniteGuard(max_nonfinite, "autoencoder")
         self.disc_guard = NonFiniteGuard(max_nonfinite, "discriminator")

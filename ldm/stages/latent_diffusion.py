@@ -82,9 +82,7 @@ class LatentDiffusionStage(Stage):
         sampling = dict(sampling or {})
         check_sampler(sampling.get("sampler", "dpmpp_2m"))  # unknown names fail here, not after training
         make_levels(schedule, 2, spacing)
-        self.unet = unet
-        self.conditioner = conditioner
-        self.schedule = schedule
+        self.unet, self.conditioner, self.schedule = unet, conditioner, schedule
         self.prediction = check_prediction_for(prediction, schedule)
         self.min_snr_gamma = min_snr_gamma
         self.latent_norm = latent_norm
