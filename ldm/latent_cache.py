@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoints import load_first_stage
 from ldm.data.loaders import ShardData
-from ldm.data.manifest import MANIFEST, read_manifest
+from ldm.data.manifest import MANIFEST, made_by, read_manifest
 from ldm.data.shards import write_records
 from ldm.networks.autoencoder import DiagonalGaussian
 from ldm.utils.config import auto_precision
@@ -140,7 +140,7 @@ def prepare_latent_cache(first_stage: str | Path, splits: dict[str, str], out_di
 
     def current() -> bool:
         manifest = read_manifest(out_dir)
-        return manifest is not None and manifest.get("first_stage_sha256") == fingerprint and \
+        return manifest is not None and made_by(manifest, fingerprint) and \
             set(manifest.get("splits", {})) >= set(splits) and manifest.get("limits", {}) == limits
 
     if current():

@@ -53,6 +53,11 @@ def same_build(urls: Iterator[dict], folder: Path, build_id: str) -> Iterator[di
         yield item
 
 
+def made_by(manifest: dict, fingerprint: str) -> bool:
+    """Whether a latent cache's manifest names the first-stage weights with this SHA-256."""
+    return manifest.get("first_stage_sha256") == fingerprint
+
+
 def check_cache_source(shards: Any, first_stage: str | Path) -> None:
     """Refuse a latent cache written by another first stage than the export ``first_stage`` (the manifest names
     the weights' SHA-256); a cache without a manifest is accepted with a warning."""
@@ -62,7 +67,7 @@ def check_cache_source(shards: Any, first_stage: str | Path) -> None:
         log.warning("no %s next to %s: cannot verify the latent cache was made by %s", MANIFEST, shards, first_stage)
         return
     expected = weights_fingerprint(first_stage)
-    if manifest.get("first_stage_sha256") != expected:
+    if not made_by(manifest, expected):
         raise ValueError(f"the latent cache {shards} was made by the first stage {manifest.get('first_stage')} "
                          f"(sha256 {str(manifest.get('first_stage_sha256'))[:12]}…), not by model.first_stage="
                          f"{first_stage} (sha256 {expected[:12]}…); rebuild it with scripts/cache_latents.py or "
