@@ -30,7 +30,7 @@ class Probe(L.Callback):
     """Records, when training (re)starts, the state a resume must have restored."""
 
     def on_train_start(self, trainer, pl_module):
-        from ldm.callbacks.export import averaged_or
+        from ldm.callbacks.ema import averaged_or
 
         CAPTURED.clear()
         CAPTURED["global_step"] = trainer.global_step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch.optim.swa_utils import AveragedModel
@@ -102,3 +103,10 @@ class EMA(WeightAveraging):
     def averaged_module(self) -> torch.nn.Module | None:
         """The module holding the averaged weights (None before fit starts)."""
         return None if self._average_model is None else self._average_model.module
+
+
+def averaged_or(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The EMA callback's averaged copy of the module when that callback is on, else the module itself."""
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    averaged = ema.averaged_module() if ema is not None else None
+    return averaged if averaged is not None else pl_module

@@ -12,17 +12,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ldm.callbacks.ema import EMA
+from ldm.callbacks.ema import averaged_or
 from ldm.checkpoints import FIRST_STAGE, export_folder
 
 log = logging.getLogger(__name__)
-
-
-def averaged_or(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
-    """The EMA callback's averaged copy of the module when that callback is on, else the module itself."""
-    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-    averaged = ema.averaged_module() if ema is not None else None
-    return averaged if averaged is not None else pl_module
 
 
 class LatentMoments:

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ldm.callbacks.export import averaged_or
+from ldm.callbacks.ema import averaged_or
 from ldm.data.loaders import ShardData
 from ldm.evaluation.samples import Conditions, generate, read_reference
 
