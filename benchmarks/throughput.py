@@ -152,7 +152,7 @@ def main() -> None:
     consume = {"ae_f8 training step (batch 16)": 16 / median_seconds(ae_step, 1, 5)}
     ldm_cfg = compose(["experiment=ldm_f8", "trainer.accelerator=cpu", f"model.first_stage={first_stage}"])
     ldm = build(ldm_cfg.model)
-    opt = ldm.configure_optimizers()["optimizer"]
+    opt = ldm.configure_optimizers()
     batch = {"latent": torch.randn(64, 8, 8, 8).abs(), "caption": ["a photo of a bag"] * 64,
              "class_label": torch.zeros(64, dtype=torch.long)}
 
