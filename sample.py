@@ -1,7 +1,7 @@
 """Sample from a trained model: ``python sample.py prompt="a photo of a sneaker" num_images=8``.
 
-Writes ``grid.png`` (one row per prompt) and the single images to ``out_dir`` and prints the grid's path.
-See configs/sample.yaml for every option (negative prompts, img2img, inpainting, samplers, CFG scale).
+Writes ``grid.png`` (one row per prompt or class) and the single images to ``out_dir`` and prints the grid's
+path. ``python sample.py --help`` lists every key (configs/sample.yaml).
 """
 
 import logging
@@ -15,6 +15,7 @@ from torchvision.utils import make_grid
 
 import ldm.utils.config  # noqa: F401  (resolvers)
 from ldm.pipeline import LatentDiffusionPipeline, to_pil
+from ldm.utils.entry import hydra_run_dir, run_or_report
 
 log = logging.getLogger("sample")
 
@@ -23,12 +24,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "image"
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
-def main(cfg: DictConfig) -> str:
+def _value(node):
+    return OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+
+
+def sample(cfg: DictConfig) -> str:
+    """Check every argument, load the model, sample, write the images and the grid; returns the grid's path."""
+    LatentDiffusionPipeline.check_arguments(cfg.sampler, cfg.steps, cfg.cfg_scale, cfg.eta, cfg.num_images,
+                                            cfg.batch_size, cfg.strength, cfg.init_image, cfg.mask)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model_path, device=device, ema=cfg.ema)
-    prompt = OmegaConf.to_object(cfg.prompt) if OmegaConf.is_config(cfg.prompt) else cfg.prompt
-    labels = OmegaConf.to_object(cfg.class_labels) if OmegaConf.is_config(cfg.class_labels) else cfg.class_labels
+    prompt, labels = _value(cfg.prompt), _value(cfg.class_labels)
     if "caption" not in pipe.conditioner.input_keys:
         prompt = None
     if labels is None and prompt is None and "class_label" in pipe.conditioner.input_keys:
@@ -50,6 +56,11 @@ def main(cfg: DictConfig) -> str:
              cfg.cfg_scale)
     print(f"sample grid: {grid_path}")
     return str(grid_path)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+def main(cfg: DictConfig) -> str:
+    return run_or_report(lambda: sample(cfg), hydra_run_dir())
 
 
 if __name__ == "__main__":

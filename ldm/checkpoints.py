@@ -225,6 +225,9 @@ def read_pipeline(path: str | Path, ema: bool = True) -> tuple[dict, Autoencoder
 
     A checkpoint gives its EMA weights (``ema=False``: the raw ones) and names its first stage's export."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}; train one with: {MAKE_LDM} (it is exported to exports/ldm_f8), "
+                                "or point model_path= at an export folder or a .ckpt")
     if path.is_dir() or path.name == WEIGHTS:
         folder, cfg = read_export_config(path, LATENT_DIFFUSION, MAKE_LDM)
         return cfg["model"], load_first_stage(folder / FIRST_STAGE), read_safetensors(folder / WEIGHTS), folder / CONFIG

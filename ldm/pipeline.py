@@ -9,6 +9,7 @@ Lightning ``.ckpt`` of the latent diffusion stage (EMA weights by default). Call
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,23 +33,40 @@ from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.utils.checks import require_int
 
+log = logging.getLogger(__name__)
 ImageInput = Image.Image | str | Path | torch.Tensor | np.ndarray
 
 
-def load_image(image: ImageInput, resolution: int, mode: str = "RGB") -> torch.Tensor:
-    """PIL/path/array/tensor -> (1, C, H, W) float in [-1, 1] (RGB) or [0, 1] (mask, mode ``L``), resized."""
+def read_image(image: ImageInput, key: str = "image") -> Image.Image | torch.Tensor:
+    """A path, array or PIL image as a PIL image (a tensor is returned as is); errors name ``key`` and the file."""
+    if isinstance(image, str | Path):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"{key}={image}: no such file")
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                return opened.copy()
+        except (OSError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"{key}={image}: not an image file PIL can read ({type(err).__name__}); expected a "
+                             "PNG/JPEG/... image") from err
+    return Image.fromarray(image) if isinstance(image, np.ndarray) else image
+
+
+def image_size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(width, height)."""
+    return (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
+
+
+def load_image(image: ImageInput, resolution: int, mode: str = "RGB", key: str = "image") -> torch.Tensor:
+    """PIL/path/array/tensor -> (1, C, H, W) float in [-1, 1] (RGB) or [0, 1] (mask, mode ``L``), resized to
+    ``resolution`` (bicubic; a tensor bilinearly)."""
+    image = read_image(image, key)
     if isinstance(image, torch.Tensor):
         t = image.float()
         t = t[None] if t.dim() == 3 else t
         if t.shape[-1] != resolution or t.shape[-2] != resolution:
             t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False)
         return t
-    if isinstance(image, str | Path):
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image file {image} does not exist")
-        image = Image.open(image)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
     image = (to_rgb(image) if mode == "RGB" else image.convert(mode)).resize((resolution, resolution),
                                                                              Image.Resampling.BICUBIC)
     arr = torch.from_numpy(np.array(image, dtype=np.float32))
@@ -165,21 +183,34 @@ class LatentDiffusionPipeline:
         images = torch.cat(outputs)
         return to_pil(images) if output_type == "pil" else images
 
-    def check_inputs(self, prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale, strength,
-                     eta, batch_size, output_type, init_image, mask) -> _Request:
-        """Every argument checked before any work; the per-image prompts/labels/negatives, expanded."""
+    @staticmethod
+    def check_arguments(sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0, eta: float | None = None,
+                        num_images: int | None = None, batch_size: int = 32, strength: float = 0.8,
+                        init_image: ImageInput | None = None, mask: ImageInput | None = None,
+                        output_type: str = "pil") -> None:
+        """The checks that need no model (sample.py runs them before loading one)."""
         check_sampler(sampler, {"eta": eta} if eta is not None else {})
         require_int("steps", steps, 1)
         require_int("num_images", num_images, 1, optional=True)
         require_int("batch_size", batch_size, 1)
         if output_type not in ("pil", "tensor"):
             raise ValueError(f"output_type={output_type!r}: expected 'pil' or 'tensor'")
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale={cfg_scale}: expected >= 0 (0: unconditional, 1: no guidance, 3-8 usual)")
+        if not isinstance(cfg_scale, int | float) or cfg_scale < 0:
+            raise ValueError(f"cfg_scale={cfg_scale}: expected a number >= 0 (0: unconditional, 1: no guidance, "
+                             "3-8 usual)")
         if init_image is not None and not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength={strength} must be in [0, 1]")
+            raise ValueError(f"strength={strength}: expected a value in [0, 1] (0 keeps init_image, 1 ignores it)")
         if mask is not None and init_image is None:
-            raise ValueError("inpainting (mask=...) needs init_image=...")
+            raise ValueError("mask=... (inpainting) needs init_image=... too")
+        for key, value in (("init_image", init_image), ("mask", mask)):
+            if isinstance(value, str | Path):
+                read_image(value, key)
+
+    def check_inputs(self, prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale, strength,
+                     eta, batch_size, output_type, init_image, mask) -> _Request:
+        """Every argument checked before any work; the per-image prompts/labels/negatives, expanded."""
+        self.check_arguments(sampler, steps, cfg_scale, eta, num_images, batch_size, strength, init_image, mask,
+                             output_type)
         keys = self.conditioner.input_keys
         if class_labels is not None and "class_label" not in keys:
             raise ValueError(f"class_labels given, but this model is conditioned on {keys}")
@@ -218,14 +249,23 @@ class LatentDiffusionPipeline:
         return levels.last(int(round(steps * strength))) if strength < 1.0 else levels
 
     def prepare_init(self, init_image: ImageInput | None, mask: ImageInput | None) -> _Init | None:
-        """img2img/inpainting inputs: the image, its latent, and the repaint mask in pixels and latents."""
+        """img2img/inpainting inputs: the image, its latent, and the repaint mask in pixels and latents.
+
+        An image of another size than the model's is resized to it (logged); a mask must have the image's size."""
         if init_image is None:
             return None
         res = self.first_stage.resolution
-        pixels = load_image(init_image, res).to(self.device)
+        image = read_image(init_image, "init_image")
+        if image_size(image) != (res, res):
+            log.info("init_image: %dx%d resized to the model's %dx%d", *image_size(image), res, res)
+        pixels = load_image(image, res, key="init_image").to(self.device)
         init = _Init(pixels, self.encode(pixels))
         if mask is not None:
-            init.pixel_mask = (load_image(mask, res, mode="L").to(self.device) > 0.5).float()
+            mask_image = read_image(mask, "mask")
+            if image_size(mask_image) != image_size(image):
+                raise ValueError(f"mask is {'x'.join(map(str, image_size(mask_image)))} but init_image is "
+                                 f"{'x'.join(map(str, image_size(image)))}; give a mask of the image's size")
+            init.pixel_mask = (load_image(mask_image, res, mode="L", key="mask").to(self.device) > 0.5).float()
             latent_side = self.first_stage.latent_shape(res)[1:]
             init.latent_mask = (F.adaptive_max_pool2d(init.pixel_mask, latent_side) > 0.5).float()
         return init

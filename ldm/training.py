@@ -147,6 +147,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for callback in callbacks:  # exports are written when training ends: prove now that they can be
         if isinstance(callback, FitClock):
             check_writable(callback.dirpath.parent, "paths.export_dir")
+    if not model.automatic_optimization:  # Lightning would refuse these after setting everything up
+        if cfg.trainer.get("gradient_clip_val"):
+            raise ValueError(f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val}: the autoencoder stage "
+                             f"optimises manually; clip with model.grad_clip={cfg.trainer.gradient_clip_val} instead")
+        if (cfg.trainer.get("accumulate_grad_batches") or 1) > 1:
+            raise ValueError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}: the autoencoder "
+                             "stage does not accumulate gradients; raise data.batch_size or trainer.devices instead")
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
