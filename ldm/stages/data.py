@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning as L
@@ -11,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.loaders import ShardData
+from ldm.utils.checks import require_int
 
 
 class WebDataModule(L.LightningDataModule):
@@ -19,8 +22,10 @@ class WebDataModule(L.LightningDataModule):
     ``prepare`` runs in ``prepare_data`` (once per node); loaders are split over ``trainer.world_size``.
     """
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, overfit_batches: int = 0, **kwargs: Any):
         super().__init__()
+        require_int("data.overfit_batches", overfit_batches, 0)
+        self.overfit_batches = overfit_batches
         self.data = ShardData(**kwargs)
 
     @property
@@ -44,8 +49,10 @@ class WebDataModule(L.LightningDataModule):
     def _world(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | Iterable[dict]:
         loader = self.data.train_dataloader(self._world())
+        if self.overfit_batches:
+            return ReplayBatches(loader, self.overfit_batches, self.data.batches_per_epoch(self._world()))
         trainer = self.trainer
         if trainer is not None and trainer.fit_loop.restarting:
             # A resumed run (its loops already restored): continue the stream after the batches already trained
@@ -67,3 +74,21 @@ class WebDataModule(L.LightningDataModule):
     def skipped(self) -> dict[str, int]:
         """Counts of valid and skipped samples so far (see ``ShardData.skipped``)."""
         return self.data.skipped()
+
+
+class ReplayBatches:
+    """The first ``n`` batches of ``loader``, replayed ``per_epoch`` batches every epoch (``data.overfit_batches``:
+    a model that cannot drive the loss of a few fixed batches towards zero has a bug)."""
+
+    def __init__(self, loader: Iterable[dict], n: int, per_epoch: int):
+        self.loader, self.n, self.per_epoch = loader, n, per_epoch
+        self.batches: list[dict] = []
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.batches:
+            self.batches = list(itertools.islice(iter(self.loader), self.n))
+        for i in range(self.per_epoch):
+            yield self.batches[i % len(self.batches)]

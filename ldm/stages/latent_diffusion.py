@@ -53,7 +53,8 @@ class LatentDiffusionStage(Stage):
                  schedule: NoiseSchedule, optimizer: OptimizerFactory, prediction: str = "eps",
                  min_snr_gamma: float | None = None, latent_norm: str = "channel",
                  timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing",
-                 max_nonfinite: int = 5, compile: bool = False, compile_mode: str = "default"):
+                 max_nonfinite: int = 5, compile: bool = False, compile_mode: str = "default",
+                 noise_offset: float = 0.0):
         super().__init__(compile, compile_mode)
         ae = load_first_stage(first_stage) if isinstance(first_stage, str | Path) else first_stage
         ae.eval().requires_grad_(False)
@@ -79,6 +80,9 @@ class LatentDiffusionStage(Stage):
         self.first_stage = ae
         self.register_state_dict_post_hook(_without_first_stage)
         self.register_load_state_dict_pre_hook(_with_own_first_stage)
+        if not noise_offset >= 0:
+            raise ValueError(f"model.noise_offset={noise_offset}: expected >= 0 (0: off; 0.05-0.1 usual)")
+        self.noise_offset = noise_offset
         sampling = dict(sampling or {})
         check_sampler(sampling.get("sampler", "dpmpp_2m"))  # unknown names fail here, not after training
         make_levels(schedule, 2, spacing)
@@ -138,6 +142,8 @@ class LatentDiffusionStage(Stage):
         if generator is None:  # drawn on the device: no host round trip inside the training step
             t = torch.randint(0, self.schedule.num_timesteps, (b,), device=z0.device)
             noise = torch.randn_like(z0)
+            if self.noise_offset:  # a per-channel constant shift: lets the model change an image's mean brightness
+                noise = noise + self.noise_offset * torch.randn(b, z0.shape[1], 1, 1, device=z0.device)
         else:  # a seeded CPU generator (validation): the same draws on every device type
             t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(z0.device)
             noise = torch.randn(z0.shape, generator=generator).to(z0.device)
