@@ -315,7 +315,7 @@ def test_batch_1_with_4_accumulated_matches_batch_4(make_ldm_cfg, tmp_path):
     states = {}
     for name, batch, accumulate in (("b4", 4, 1), ("b1x4", 1, 4)):
         cfg = make_ldm_cfg("ldm_f8", "model._target_=tests.test_trust.KeyedDraws", f"data.batch_size={batch}",
-                           f"+trainer.accumulate_grad_batches={accumulate}", "trainer.max_steps=3",
+                           f"trainer.accumulate_grad_batches={accumulate}", "trainer.max_steps=3",
                            "data.samples_per_epoch=48", "model.conditioner.embedders.0.ucg_rate=0.0",
                            "callbacks.lr_schedule=null", "callbacks.export_pipeline=null",
                            "callbacks.image_logger=null", "+trainer.limit_val_batches=0",
