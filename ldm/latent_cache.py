@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ldm.checkpoints import load_first_stage
 from ldm.data.loaders import ShardData
@@ -33,6 +32,7 @@ from ldm.data.shards import write_records
 from ldm.networks.autoencoder import DiagonalGaussian
 from ldm.utils.config import auto_precision
 from ldm.utils.files import weights_fingerprint
+from ldm.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ def _encode_split(loader, encode: PosteriorEncoder, out_dir: Path, split: str, s
     with ThreadPoolExecutor(1) as pool:
         writer = pool.submit(write_records, _records(batches()), out_dir / split, split, samples_per_shard)
         try:
-            with tqdm(total=expected, unit="img", desc=f"latent cache {split}", mininterval=2.0,
-                      disable=None) as bar:
+            with Progress(expected, f"latent cache {split}", "img") as bar:
                 for batch in loader:
                     latents = encode(batch["image"]).cpu().numpy()
                     if not hand_over((latents, {k: batch[k] for k in ("key", "caption", "class_label")})):

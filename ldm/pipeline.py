@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from rich.progress import Progress
 from torch import nn
 
 from ldm.checkpoints import export_pipeline, instantiate_trusted, load_weights, read_pipeline
@@ -32,6 +31,7 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.networks.unet import UNet
 from ldm.utils.checks import require_int
+from ldm.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 ImageInput = Image.Image | str | Path | torch.Tensor | np.ndarray
@@ -167,8 +167,8 @@ class LatentDiffusionPipeline:
         init = self.prepare_init(init_image, mask)
         options = {"eta": eta} if eta is not None else {}
         outputs = []
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"{sampler} x {steps}", total=request.n * len(levels))
+        with Progress(request.n * len(levels), f"sampling {request.n} images, {sampler} x {steps}", "step",
+                      every_s=10, enabled=progress) as bar:
             for start in range(0, request.n, batch_size):
                 idx = list(range(start, min(request.n, start + batch_size)))
                 if init is not None and len(levels) == 0:  # strength 0: the input's reconstruction
@@ -177,7 +177,7 @@ class LatentDiffusionPipeline:
                 denoiser = self.encode_prompts(request, idx, cfg_scale)
                 x, noise = self.prepare_latents(idx, seed, levels, init)
                 gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + start)
-                z = sample(sampler, denoiser, x, levels, generator=gen, callback=lambda *_: bar.advance(task),
+                z = sample(sampler, denoiser, x, levels, generator=gen, callback=lambda *_: bar.update(),
                            after_step=self.inpainting_step(init, noise), **options)
                 outputs.append(self.decode_images(z, init))
         images = torch.cat(outputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, Timer
 
 from ldm.stages.guard import is_logging_step
 
@@ -21,6 +21,24 @@ class ProgressBar(RichProgressBar):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._shown: dict[str, Any] = {}
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        """``step 1,200/5,000`` or ``step 1,200 of 12:00`` (a time budget) instead of ``Epoch 1/-2``."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return f"step {trainer.global_step:,}/{trainer.max_steps:,}"
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and timer.time_remaining("train") is not None:
+            elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
+            return f"step {trainer.global_step:,}, {elapsed / 60:.1f}/{(elapsed + left) / 60:.0f} min"
+        return f"epoch {current_epoch}" + (f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0
+                                           else "")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=self._get_train_description(0))
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if trainer.training and not is_logging_step(trainer) and self._shown:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ldm.data.manifest import MANIFEST
 from ldm.data.shards import Sample, write_shards
+from ldm.utils.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,9 @@ def prepare(out_dir: str | Path, resolution: int = 64, source_dir: str | Path | 
             images, labels = images[:limit], labels[:limit]
         for stale in (out_dir / split).glob("*.tar"):
             stale.unlink()
-        shards = write_shards(_samples(images, labels, resolution, split), out_dir / split, split,
-                              samples_per_shard)
+        samples = track(_samples(images, labels, resolution, split), len(images), f"Fashion-MNIST {split} shards",
+                        "img")
+        shards = write_shards(samples, out_dir / split, split, samples_per_shard)
         counts[split] = {"samples": len(images), "shards": len(shards)}
         log.info("Fashion-MNIST %s: %d samples -> %d shards in %s", split, len(images), len(shards), out_dir / split)
     # The manifest is written last: its presence means every shard is complete.

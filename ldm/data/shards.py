@@ -17,10 +17,10 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
-from rich.progress import Progress
 
 from ldm.data.decode import to_rgb
 from ldm.data.tar_reader import SHARD_INDEX
+from ldm.utils.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,9 @@ def resize_square(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def _folder_samples(files: list[Path], root: Path, resolution: int | None, default_caption: str | None,
-                    progress: Progress) -> Iterator[Sample]:
-    task = progress.add_task("images -> shards", total=len(files))
-    for path in files:
-        progress.advance(task)
+def _folder_samples(files: list[Path], root: Path, resolution: int | None, default_caption: str | None
+                    ) -> Iterator[Sample]:
+    for path in track(files, len(files), "images -> shards", "img"):
         try:
             with Image.open(path) as im:
                 im.load()  # to_rgb may return this image itself, which must not need its file once closed
@@ -154,9 +152,8 @@ def folder_to_shards(folder: str | Path, out_dir: str | Path, prefix: str = "dat
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
-    with Progress() as progress:
-        shards = write_shards(_folder_samples(files, folder, resolution, default_caption, progress),
-                              out_dir, prefix, samples_per_shard)
+    shards = write_shards(_folder_samples(files, folder, resolution, default_caption), out_dir, prefix,
+                          samples_per_shard)
     log.info("converted %d image files into %d shards in %s", len(files), len(shards), out_dir)
     return shards
 

@@ -30,13 +30,14 @@ class Conditions:
 
 
 def generate(pipe: LatentDiffusionPipeline, conditions: Conditions, *, sampler: str = "dpmpp_2m", steps: int = 20,
-             cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 100) -> torch.Tensor:
+             cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 100, progress: bool = False) -> torch.Tensor:
     """One sample per condition, in [0, 1]; the model gets the inputs it was trained on (text or labels).
-    Sample ``i`` starts from the noise of seed ``seed + i``."""
+    Sample ``i`` starts from the noise of seed ``seed + i``; ``progress`` reports the sampling (bar or log lines)."""
     keys = pipe.conditioner.input_keys
     images = pipe(prompt=conditions.captions if "caption" in keys else None,
                   class_labels=conditions.labels if "class_label" in keys else None, num_images=1, sampler=sampler,
-                  steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, output_type="tensor")
+                  steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, output_type="tensor",
+                  progress=progress)
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
@@ -100,7 +101,7 @@ class SampleJudge:
 
     def __call__(self, pipe: LatentDiffusionPipeline, **sampling) -> dict[str, float]:
         """Generate one sample per reference condition (``sampling``: sampler, steps, cfg_scale, seed) and score."""
-        images = generate(pipe, self.conditions, **sampling)
+        images = generate(pipe, self.conditions, **({"progress": True} | sampling))
         scores = score_samples(images, self.conditions, fid=self.fid, clip=self.clip, classifier=self.classifier)
         if "fid" in scores:
             scores[f"fid_{self.extractor_name}"] = scores.pop("fid")
