@@ -207,6 +207,18 @@ def to_diffusers_state(model: UNet | AutoencoderKL) -> dict[str, torch.Tensor]:
     return out
 
 
+def from_diffusers_state(model: UNet | AutoencoderKL, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers-named weights under our names and shapes, for the keys ``state`` has (no check)."""
+    own = model.state_dict()
+    return {ours: state[theirs].reshape(own[ours].shape) for ours, theirs in _key_map(model).items()
+            if theirs in state and state[theirs].numel() == own[ours].numel()}
+
+
+def read_diffusers_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(config, weights, weights file) of a diffusers model folder (``unet/``, ``vae/``)."""
+    return _read_folder(path)
+
+
 def load_diffusers_state(model: UNet | AutoencoderKL, state: dict[str, torch.Tensor], source: str = "") -> None:
     """Load diffusers-named weights into ``model``; a clear error lists missing and unexpected keys."""
     key_map = _key_map(model)
@@ -217,9 +229,7 @@ def load_diffusers_state(model: UNet | AutoencoderKL, state: dict[str, torch.Ten
         raise ValueError(f"{source or 'state dict'} does not match our {type(model).__name__} of this architecture: "
                          f"missing keys {missing[:8]} ({len(missing)} in all), unexpected keys {unexpected[:8]} "
                          f"({len(unexpected)} in all)")
-    own = model.state_dict()
-    converted = {ours: state[theirs].reshape(own[ours].shape) for ours, theirs in key_map.items()}
-    model.load_state_dict(converted, strict=False)
+    model.load_state_dict(from_diffusers_state(model, state), strict=False)
 
 
 # ----- folders ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.networks.autoencoder import AutoencoderKL
 from ldm.stages.base import OptimizerFactory, Stage
 from ldm.stages.guard import NonFiniteGuard
+from ldm.stages.init_from import init_from as load_init
 
 
 class AutoencoderStage(Stage):
@@ -27,7 +28,7 @@ class AutoencoderStage(Stage):
 
     def __init__(self, *, autoencoder: AutoencoderKL, loss: AutoencoderLoss, optimizer: OptimizerFactory,
                  disc_optimizer: OptimizerFactory, grad_clip: float | None = None, max_nonfinite: int = 5,
-                 compile: bool = False, compile_mode: str = "default"):
+                 compile: bool = False, compile_mode: str = "default", init_from: str | None = None):
         super().__init__(compile, compile_mode)
         self.automatic_optimization = False
         self.autoencoder, self.loss = autoencoder, loss
@@ -35,6 +36,8 @@ class AutoencoderStage(Stage):
         self.grad_clip = grad_clip
         self.guard = NonFiniteGuard(max_nonfinite, "autoencoder")
         self.disc_guard = NonFiniteGuard(max_nonfinite, "discriminator")
+        if init_from:
+            load_init(init_from, {"autoencoder": self.autoencoder})
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 

@@ -22,6 +22,7 @@ from ldm.networks.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.stages.base import OptimizerFactory, Stage
 from ldm.stages.guard import NonFiniteGuard, is_logging_step
+from ldm.stages.init_from import init_from as load_init
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class LatentDiffusionStage(Stage):
                  min_snr_gamma: float | None = None, latent_norm: str = "channel",
                  timestep_buckets: int = 4, sampling: dict[str, Any] | None = None, spacing: str = "trailing",
                  max_nonfinite: int = 5, compile: bool = False, compile_mode: str = "default",
-                 noise_offset: float = 0.0):
+                 noise_offset: float = 0.0, init_from: str | None = None):
         super().__init__(compile, compile_mode)
         ae = load_first_stage(first_stage) if isinstance(first_stage, str | Path) else first_stage
         ae.eval().requires_grad_(False)
@@ -87,6 +88,8 @@ class LatentDiffusionStage(Stage):
         check_sampler(sampling.get("sampler", "dpmpp_2m"))  # unknown names fail here, not after training
         make_levels(schedule, 2, spacing)
         self.unet, self.conditioner, self.schedule = unet, conditioner, schedule
+        if init_from:  # fine-tuning: start from pretrained weights (a resumed run's checkpoint overrides them)
+            load_init(init_from, {"unet": unet, "conditioner": conditioner})
         self.prediction = check_prediction_for(prediction, schedule)
         self.min_snr_gamma = min_snr_gamma
         self.latent_norm = latent_norm
