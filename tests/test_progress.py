@@ -23,3 +23,22 @@ def test_track_yields_everything_and_is_silent_when_disabled(caplog):
     with caplog.at_level(logging.INFO, logger="ldm.progress"):
         assert list(track(range(5), 5, "x", enabled=False)) == [0, 1, 2, 3, 4]
     assert not caplog.records
+
+
+def test_training_logs_progress_lines_without_a_terminal(make_cfg, caplog, monkeypatch):
+    from ldm.callbacks.progress import ProgressBar
+    from ldm.training import train
+
+    monkeypatch.setattr(ProgressBar, "__init__", _every_batch(ProgressBar.__init__))
+    with caplog.at_level(logging.INFO, logger="ldm.progress"):
+        train(make_cfg("ae_f8", "trainer.max_steps=6", "callbacks.export_first_stage=null"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training step")]
+    assert lines and lines[-1].startswith("training step 6/6"), lines
+
+
+def _every_batch(init):
+    def patched(self, **kwargs):
+        init(self, log_every_s=0.0, **kwargs)
+        self._terminal = False
+
+    return patched

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from typing import Any
 
 import lightning as L
@@ -9,18 +12,25 @@ from lightning.pytorch.callbacks import RichProgressBar, Timer
 
 from ldm.stages.guard import is_logging_step
 
+log = logging.getLogger("ldm.progress")
+
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich bar; its metrics (``prog_bar=True`` values) are refreshed on logging steps only.
 
     Reading a logged value converts it to a Python number, which waits for the device: done for every
     batch, as Lightning's bars do, that keeps the host from running ahead of a GPU. The count, speed and
-    time advance every batch as before; the losses shown are those of the latest logging step.
+    time advance every batch as before; the losses shown are those of the latest logging step. The
+    description shows the steps against the budget (``max_steps`` or ``max_time``).
     """
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, log_every_s: float = 30.0, **kwargs: Any):
         super().__init__(**kwargs)
         self._shown: dict[str, Any] = {}
+        # Without a terminal (a log file, CI) the bar is not drawn: a line every log_every_s seconds instead.
+        self.log_every_s = log_every_s
+        self._terminal = sys.stderr.isatty()
+        self._last_line = time.monotonic()
 
     def _get_train_description(self, current_epoch: int) -> str:
         """``step 1,200/5,000`` or ``step 1,200 of 12:00`` (a time budget) instead of ``Epoch 1/-2``."""
@@ -39,6 +49,11 @@ class ProgressBar(RichProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.progress is not None and self.train_progress_bar_id is not None:
             self.progress.update(self.train_progress_bar_id, description=self._get_train_description(0))
+        if not self._terminal and time.monotonic() - self._last_line >= self.log_every_s:
+            self._last_line = time.monotonic()
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in self._shown.items()
+                              if k != "v_num")
+            log.info("training %s%s", self._get_train_description(trainer.current_epoch), f", {shown}" if shown else "")
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if trainer.training and not is_logging_step(trainer) and self._shown:
