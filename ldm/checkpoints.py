@@ -263,3 +263,12 @@ def export_pipeline(path: str | Path, bundle: nn.Module, model_config: dict, met
     export_folder(path / FIRST_STAGE, first_stage, FIRST_STAGE, fs_export["model"], fs_export["metadata"],
                   fs_export.get("run_config"))
     return path
+
+
+class UNetAndConditioner(nn.Module):
+    """U-Net and conditioner under one state dict (``unet.*``, ``conditioner.*``), as stage 2 and its exports hold
+    them."""
+
+    def __init__(self, unet: nn.Module, conditioner: nn.Module):
+        super().__init__()
+        self.unet, self.conditioner = unet, conditioner

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from ldm.checkpoints import export_pipeline, instantiate_trusted, load_weights, read_pipeline
+from ldm.checkpoints import UNetAndConditioner, export_pipeline, instantiate_trusted, load_weights, read_pipeline
 from ldm.conditioning.conditioner import Conditioner
 from ldm.data.decode import to_rgb
 from ldm.diffusion.denoiser import Denoiser, check_prediction_for
@@ -107,7 +106,7 @@ class LatentDiffusionPipeline:
         """An exported folder or a Lightning checkpoint of the latent diffusion stage."""
         model_cfg, first_stage, weights, source = read_pipeline(path, ema)
         pipe = cls._build(model_cfg, first_stage, source)
-        load_weights(_Bundle(pipe.unet, pipe.conditioner), weights, source)
+        load_weights(UNetAndConditioner(pipe.unet, pipe.conditioner), weights, source)
         pipe.to(device)
         for m in (pipe.unet, pipe.conditioner, pipe.first_stage):
             m.eval().requires_grad_(False)
@@ -131,8 +130,8 @@ class LatentDiffusionPipeline:
                     "downsampling_factor": self.first_stage.downsampling_factor,
                     "latent_channels": self.first_stage.embed_dim, "prediction": self.prediction,
                     "latent_norm": self.latent_norm} | (metadata or {})
-        return export_pipeline(path, _Bundle(self.unet, self.conditioner), self.config, metadata, self.first_stage,
-                               run_config)
+        return export_pipeline(path, UNetAndConditioner(self.unet, self.conditioner), self.config, metadata,
+                               self.first_stage, run_config)
 
     # ----- sampling -----------------------------------------------------------------------------
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -331,12 +330,3 @@ class _Init:
     latent: torch.Tensor
     pixel_mask: torch.Tensor | None = None
     latent_mask: torch.Tensor | None = None
-
-
-class _Bundle(nn.Module):
-    """U-Net and conditioner under one state dict (``unet.*``, ``conditioner.*``), as the stage holds them."""
-
-    def __init__(self, unet: nn.Module, conditioner: nn.Module):
-        super().__init__()
-        self.unet = unet
-        self.conditioner = conditioner
