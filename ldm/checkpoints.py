@@ -216,7 +216,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> nn.
 
 
 LATENT_DIFFUSION = "latent_diffusion"
-MAKE_LDM = "python train.py experiment=ldm_f8"
+MAKE_LDM = "python train.py experiment=ldm_f8 (or another ldm_* experiment)"
 
 
 def read_pipeline(path: str | Path, ema: bool = True) -> tuple[dict, AutoencoderKL, dict[str, torch.Tensor], Path]:

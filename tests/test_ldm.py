@@ -36,7 +36,8 @@ def test_fast_dev_run_every_ldm_experiment(make_ldm_cfg, experiment):
 
 
 def test_class_conditional_model_trains_samples_and_guides(make_ldm_cfg, tmp_path):
-    cfg = make_ldm_cfg("ldm_f8", "model/conditioner=class", "trainer.max_steps=3", "data.samples_per_epoch=8")
+    cfg = make_ldm_cfg("ldm_f8", "model/conditioner=class", "trainer.max_steps=3", "data.samples_per_epoch=8",
+                       "model.noise_offset=0.1", "trainer.gradient_clip_val=1.0")  # stage-2 knobs train too
     train(cfg)
     pipe = LatentDiffusionPipeline.from_pretrained(Path(cfg.paths.export_dir) / "ldm_f8")
     assert pipe.conditioner.input_keys == ["class_label"]
@@ -44,6 +45,23 @@ def test_class_conditional_model_trains_samples_and_guides(make_ldm_cfg, tmp_pat
     assert images.shape == (4, 3, 32, 32)
     with pytest.raises(ValueError, match="conditioned on class labels"):
         pipe(prompt="a photo of a bag", steps=2)
+    every_class = pipe(steps=2, output_type="tensor")  # no labels: one image per class
+    assert every_class.shape == (10, 3, 32, 32)
+    torch.testing.assert_close(every_class[7:8], pipe(class_labels=7, steps=2, seed=7, output_type="tensor"))
+
+
+def test_noise_offset_shifts_the_training_noise_per_channel(make_ldm_cfg):
+    from ldm.training import build
+
+    stage = build(make_ldm_cfg("ldm_f8", "model.noise_offset=0.5").model)
+    drawn = {}
+    stage.denoising_loss = lambda z0, t, noise, context, y: drawn.setdefault("noise", noise).flatten(1).mean(1)
+    torch.manual_seed(0)
+    stage.loss({"latent": torch.zeros(256, 8, 4, 4), "caption": ["a photo of a bag"] * 256})
+    channel_means = drawn["noise"].mean(dim=(2, 3))  # N(0, 1/16) without the offset, N(0, 1/16 + 0.25) with it
+    assert 0.45 < channel_means.std().item() < 0.6
+    with pytest.raises(ValueError, match=r"model.noise_offset=-1.0: expected >= 0"):
+        build(make_ldm_cfg("ldm_f8", "model.noise_offset=-1.0").model)
 
 
 def test_missing_first_stage_names_the_command(make_ldm_cfg, tmp_path):
