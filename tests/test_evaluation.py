@@ -220,3 +220,11 @@ def test_ablation_report_and_guidance_sweep_write_tables_and_plots(tiny_exports,
     assert [r["cfg scale"] for r in rows] == ["1", "3"]
     assert all(float(r["fid_classifier"]) > 0 and 0 <= float(r["class_accuracy"]) <= 100 for r in rows)
     assert (tmp_path / "sweep" / "guidance_sweep.png").is_file()
+
+
+def test_per_class_accuracy_script(tiny_exports, classifier_dir, tmp_path):
+    res = _script("scripts/class_accuracy.py", "--model", str(tiny_exports / "ldm_f8"), "--classifier",
+                  str(classifier_dir), "--per-class", "1", "--steps", "2", "--out", str(tmp_path / "acc.md"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = (tmp_path / "acc.md").read_text()
+    assert "| cfg scale | all | t-shirt |" in table and "ankle boot" in table
