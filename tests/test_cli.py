@@ -48,6 +48,7 @@ def test_sample_py_checks_arguments_before_loading_and_says_how_to_make_a_model(
     _one_line_error(_run("sample.py", tmp_path, "init_image=notes.txt"), "init_image=notes.txt: not an image")
     _one_line_error(_run("sample.py", tmp_path, "model_path=does/not/exist"), "no model at does/not/exist",
                     "python train.py experiment=ldm_f8")
+    _one_line_error(_run("sample.py", tmp_path, "experiment=ldm_f4"), "no model at", "exports/ldm_f4")
     assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").rglob("*.log"))
 
 
