@@ -6,6 +6,7 @@ path. ``python sample.py --help`` lists every key (configs/sample.yaml).
 
 import logging
 import re
+import sys
 from pathlib import Path
 
 import hydra
@@ -63,5 +64,12 @@ def main(cfg: DictConfig) -> str:
     return run_or_report(lambda: sample(cfg), hydra_run_dir())
 
 
+def experiment_as_key(argv: list[str]) -> list[str]:
+    """``experiment=NAME`` names the training run to sample from; Hydra would read it as the training configs'
+    experiment group, so it is passed on as ``sample_experiment=NAME``."""
+    return [f"sample_experiment={a.split('=', 1)[1]}" if a.startswith("experiment=") else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv = experiment_as_key(sys.argv)
     main()
