@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # Checkpoints of the manually optimised autoencoder stage hold the weights after the batch's steps,
 # which is what resuming needs; Lightning's multi-line warning about it says nothing actionable.
 warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+# Stage 2's frozen first stage (and a frozen text encoder) stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def check_writable(folder: str | Path, key: str) -> Path:
