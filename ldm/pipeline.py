@@ -166,7 +166,8 @@ class LatentDiffusionPipeline:
         init = self.prepare_init(init_image, mask)
         options = {"eta": eta} if eta is not None else {}
         outputs = []
-        with Progress(request.n * len(levels), f"sampling {request.n} images, {sampler} x {steps}", "step",
+        batches = -(-request.n // batch_size)
+        with Progress(batches * len(levels), f"sampling {request.n} images, {sampler} x {steps}", "step",
                       every_s=10, enabled=progress) as bar:
             for start in range(0, request.n, batch_size):
                 idx = list(range(start, min(request.n, start + batch_size)))
