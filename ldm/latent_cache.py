@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from ldm.checkpoints import load_first_stage
-from ldm.data.loaders import ShardData
+from ldm.data.loaders import ShardData, expand_urls
 from ldm.data.manifest import MANIFEST, made_by, read_manifest
 from ldm.data.shards import write_records
+from ldm.data.tar_reader import recorded_count
 from ldm.networks.autoencoder import DiagonalGaussian
 from ldm.utils.config import auto_precision
 from ldm.utils.files import weights_fingerprint
@@ -71,6 +72,14 @@ class PosteriorEncoder:
             moments = self.ae.moments(images)
         post = DiagonalGaussian(moments.float())  # mean and std in float32 from the (bf16) moments
         return torch.cat([post.mean, post.std], dim=1).to(torch.float16)
+
+
+def _expected_count(shards, limit: int | None) -> int | None:
+    """The images a split will yield (its shards' recorded counts, capped by ``limit``), when known."""
+    counts = [recorded_count(url) for url in expand_urls(shards, "data.prepare.splits")]
+    total = None if not counts or any(c is None for c in counts) else sum(counts)
+    known = [n for n in (total, limit) if n is not None]
+    return min(known) if known else None
 
 
 def _encode_split(loader, encode: PosteriorEncoder, out_dir: Path, split: str, samples_per_shard: int,
@@ -174,7 +183,8 @@ def _build(first_stage: str | Path, fingerprint: str, splits: dict[str, str], ou
             dm = ShardData(train_shards=shards, val_shards=shards, resolution=ae.resolution,
                            val_batch_size=batch_size, num_workers=num_workers, val_limit=limits.get(split))
             start = time.perf_counter()
-            written = _encode_split(dm.val_dataloader(), encode, built, split, samples_per_shard, limits.get(split))
+            expected = _expected_count(shards, limits.get(split))
+            written = _encode_split(dm.val_dataloader(), encode, built, split, samples_per_shard, expected)
             valid = dm.skipped()["val_valid"] if num_workers == 0 else None
             counts[split] = {"shards": len(written), "skipped": dm.skipped()["val_skipped"]}
             log.info("latent cache %s: %d shards in %.1f s on %s%s", split, len(written), time.perf_counter() - start,
