@@ -1,4 +1,4 @@
-"""The two classes a diffusers pipeline folder exported by ``python -m ldm.interop.diffusers_pipeline`` runs.
+"""The two classes a diffusers pipeline folder exported by ``python scripts/export_diffusers.py`` runs.
 
 This file is copied into the exported folder (``pipeline.py`` and ``conditioner/conditioner.py``), where
 ``diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` imports it. The U-Net, the VAE

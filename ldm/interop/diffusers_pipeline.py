@@ -1,6 +1,6 @@
 """Export a trained latent diffusion model as a diffusers pipeline folder.
 
-    python -m ldm.interop.diffusers_pipeline exports/ldm_f8 out/ldm_f8_diffusers
+    python scripts/export_diffusers.py exports/ldm_f8 out/ldm_f8_diffusers
 
 writes ``model_index.json``, ``unet/`` (``UNet2DConditionModel``), ``vae/`` (``AutoencoderKL``), ``scheduler/``
 (``DPMSolverMultistepScheduler`` on the model's noise schedule, prediction type and spacing), ``conditioner/``
@@ -15,7 +15,6 @@ std (``latent_mean``, ``latent_std`` in ``model_index.json``), not with the VAE'
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -80,15 +79,3 @@ def export_diffusers_pipeline(model_path: str | Path, out_dir: str | Path) -> Pa
              "latent_mean": mean, "latent_std": std, "resolution": first_stage.resolution}
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="an export folder (exports/ldm_f8) or a stage-2 .ckpt")
-    parser.add_argument("out", help="the diffusers pipeline folder to write (must not exist)")
-    args = parser.parse_args()
-    print(f"diffusers pipeline: {export_diffusers_pipeline(args.model, args.out)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -25,6 +25,8 @@ class AutoencoderStage(Stage):
     # Each backward covers one of two disjoint parameter sets (autoencoder, discriminator): DDP must not
     # expect a gradient for every parameter (read by configs/trainer/ddp.yaml).
     ddp_find_unused_parameters = True
+    compiled = ("autoencoder", "loss.discriminator")
+    guard_names = ("guard", "disc_guard")
 
     def __init__(self, *, autoencoder: AutoencoderKL, loss: AutoencoderLoss, optimizer: OptimizerFactory,
                  disc_optimizer: OptimizerFactory, grad_clip: float | None = None, max_nonfinite: int = 5,
@@ -41,11 +43,6 @@ class AutoencoderStage(Stage):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
-    def compiled_networks(self) -> dict[str, torch.nn.Module]:
-        return {"autoencoder": self.autoencoder, "discriminator": self.loss.discriminator}
-
-    def guards(self) -> list[NonFiniteGuard]:
-        return [self.guard, self.disc_guard]
 
     @property
     def batch_step(self) -> int:

@@ -26,11 +26,15 @@ class Stage(L.LightningModule):
         self.compile_mode = check_compile_mode(compile_mode)
         self.run_config: dict[str, Any] | None = None  # set by ldm.training.train
 
+    # Set by each stage: the submodules torch.compile works on, and the attributes holding its guards.
+    compiled: tuple[str, ...] = ()
+    guard_names: tuple[str, ...] = ()
+
     def compiled_networks(self) -> dict[str, nn.Module]:
-        raise NotImplementedError
+        return {name: self.get_submodule(name) for name in self.compiled}
 
     def guards(self) -> list[NonFiniteGuard]:
-        raise NotImplementedError
+        return [getattr(self, name) for name in self.guard_names]
 
     def configure_model(self) -> None:
         # Lightning may call this hook more than once; compile in place once (parameter names unchanged).

@@ -49,6 +49,8 @@ class LatentDiffusionStage(Stage):
     # Every trainable parameter (U-Net, trainable embedders) gets a gradient in every backward: DDP need
     # not search for unused ones (read by configs/trainer/ddp.yaml).
     ddp_find_unused_parameters = False
+    compiled = ("unet",)
+    guard_names = ("guard",)
 
     def __init__(self, *, unet: UNet, conditioner: Conditioner, first_stage: str | AutoencoderKL,
                  schedule: NoiseSchedule, optimizer: OptimizerFactory, prediction: str = "eps",
@@ -104,11 +106,6 @@ class LatentDiffusionStage(Stage):
         # Training loss per timestep bucket, summed on the device over a logging interval: (sum, count) rows.
         self._train_buckets: torch.Tensor | None = None
 
-    def compiled_networks(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet}
-
-    def guards(self) -> list[NonFiniteGuard]:
-        return [self.guard]
 
     def train(self, mode: bool = True) -> LatentDiffusionStage:
         super().train(mode)

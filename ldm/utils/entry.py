@@ -50,10 +50,10 @@ def run_or_report(job: Callable[[], Any], run_dir: str | Path | None = None, emp
             raise
         logging.getLogger("ldm").debug("stopped", exc_info=True)  # the trace stays in the run's log file
         removed = remove_if_empty(run_dir, empty_parents)
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}\n")
         if not removed and run_dir is not None:
-            print(f"(the run folder {run_dir} keeps what was written; HYDRA_FULL_ERROR=1 shows the traceback)",
-                  file=sys.stderr)
+            sys.stderr.write(f"(the run folder {run_dir} keeps what was written; HYDRA_FULL_ERROR=1 shows the "
+                             "traceback)\n")
         sys.exit(2)
 
 
