@@ -2,13 +2,18 @@
 
     python train.py -m experiment=ae_f4,ae_f8,ae_f16            # stage 1 for each f  -> exports/ae_f*
     python train.py -m experiment=ldm_f4,ldm_f8,ldm_f16          # stage 2 on each     -> exports/ldm_f*
-    python scripts/ablation_report.py --fs 4 8 16                # -> reports/ablation_f/
+    python scripts/ablation_report.py --fs 4 8 16 --seeds 0 1    # -> reports/ablation_f/
 
 It reads the exported runs (weights, resolved config and training metadata), evaluates each on the
 same test images and writes ablation_f.{md,csv} and three plots: reconstruction PSNR / SSIM / rFID
-vs f, generation FID / class accuracy (/ CLIP score) vs f, and training throughput vs f. FID and
-rFID are in the --extractor feature space (offline classifier by default; not comparable to
-Inception FIDs). A missing stage-2 export leaves its columns empty.
+vs f, generation FID / class accuracy (/ CLIP score) vs f, and training throughput vs f. Generation
+is repeated for each of --seeds (the sampling noise): the table gives the mean, the spread (max - min)
+and each seed's value. FID and rFID are in the --extractor feature space (offline classifier by
+default; not comparable to Inception FIDs). A missing stage-2 export leaves its columns empty.
+
+The report ends with its findings: whether PSNR falls monotonically as f grows, and whether the samples
+are above chance for the classifier at every f. Where every model's samples are within 2x of chance the
+budget was too short to compare generation across f: the report says so and draws no generation plot.
 """
 
 from __future__ import annotations
@@ -34,6 +39,47 @@ def throughput(metadata: dict) -> float | None:
     return round(images / seconds, 1) if images and seconds else None
 
 
+def seed_stats(values: list[float], digits: int) -> tuple[float, float, str]:
+    """Mean, spread (max - min) and the per-seed values joined by ' / '."""
+    mean = sum(values) / len(values)
+    return round(mean, digits), round(max(values) - min(values), digits), " / ".join(f"{v:.{digits}f}" for v in values)
+
+
+def generation_columns(per_seed: list[dict]) -> dict:
+    """The generation columns of one f from the scores of each seed."""
+    row = {}
+    for key, name, scale, digits in (("fid", "FID", 1, 2), ("class_accuracy", "class acc %", 100, 1),
+                                      ("clip_score", "CLIP score", 1, 2)):
+        values = [scores[key] * scale for scores in per_seed if key in scores]
+        if values:
+            mean, spread, each = seed_stats(values, digits)
+            row |= {name: mean, f"{name} spread": spread, f"{name} per seed": each}
+    return row
+
+
+def findings(rows: list[dict], chance: float) -> tuple[list[str], bool]:
+    """Sentences stating what the table shows, and whether the generation columns rise above noise."""
+    lines = []
+    psnr = [(r["f"], r["PSNR"]) for r in rows]
+    if len(psnr) > 1:
+        falls = all(a[1] > b[1] for a, b in zip(psnr, psnr[1:]))
+        trail = " > ".join(f"{p:g}" for _, p in psnr)
+        lines.append(f"PSNR {'falls' if falls else 'does NOT fall'} monotonically as f grows ({trail} dB).")
+    accs = [(r["f"], r.get("class acc %")) for r in rows if r.get("class acc %") is not None]
+    informative = any(a >= 2 * chance for _, a in accs)
+    if accs and not informative:
+        lines.append(f"Every model's samples are within 2x of chance ({chance:g}% class accuracy): the training "
+                     "budget was too short for the generation columns to say anything about f; no generation plot.")
+    for f, acc in accs:
+        if informative and acc < 2 * chance:
+            lines.append(f"f={f}: samples near chance ({acc:g}% vs {chance:g}%) at this budget.")
+    fids = [(r["FID"], r["f"]) for r in rows if r.get("FID") is not None]
+    if informative and fids:
+        best = min(fids)
+        lines.append(f"Lowest sample FID at f={best[1]} ({best[0]:g}).")
+    return lines, informative
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fs", type=int, nargs="+", default=[4, 8, 16])
@@ -44,7 +90,10 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--out", default="reports/ablation_f")
     add_judge_args(parser)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="sampling seeds, generation repeated for each (default: --seed)")
     args = parser.parse_args()
+    seeds = args.seeds or [args.seed]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     extractor = None if args.extractor == "none" else build_extractor(args.extractor, args.extractor_weights)
@@ -67,12 +116,14 @@ def main() -> None:
             _, ldm_cfg = read_export_config(ldm_dir, LATENT_DIFFUSION)
             pipe = LatentDiffusionPipeline.from_pretrained(ldm_dir)
             judge = judge or judge_from_args(args)
-            scores = judge(pipe, cfg_scale=args.cfg_scale, **sampling_from_args(args))
+            per_seed = []
+            for seed in seeds:
+                scores = judge(pipe, cfg_scale=args.cfg_scale, **(sampling_from_args(args) | {"seed": seed}))
+                if f"fid_{args.extractor}" in scores:
+                    scores["fid"] = scores.pop(f"fid_{args.extractor}")
+                per_seed.append(scores)
             row |= {"UNet params (M)": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 2),
-                    "LDM img/s": throughput(ldm_cfg["metadata"]),
-                    "FID": round(scores.get(f"fid_{args.extractor}", float("nan")), 3),
-                    "class acc %": round(100 * scores["class_accuracy"], 2) if "class_accuracy" in scores else None,
-                    "CLIP score": round(scores["clip_score"], 2) if "clip_score" in scores else None}
+                    "LDM img/s": throughput(ldm_cfg["metadata"])} | generation_columns(per_seed)
         else:
             log.warning("no stage-2 export at %s: generation columns left empty", ldm_dir)
         log.info("%s", row)
@@ -83,9 +134,12 @@ def main() -> None:
     preamble = (f"Exports {args.exports}/{args.ae_prefix}<f> and {args.ldm_prefix}<f>. Reconstructions: posterior "
                 f"mode of the first {args.recon_images} images of {args.reference}. Generation: one sample per "
                 f"condition of the first {args.num_samples} of them, {args.sampler} {args.steps} steps, cfg "
-                f"{args.cfg_scale:g}, seed {args.seed}. FID/rFID feature space: {args.extractor}. "
-                "img/s: training images per second of fit wall time.")
+                f"{args.cfg_scale:g}, seeds {', '.join(map(str, seeds))} (mean, spread = max - min, and each seed). "
+                f"FID/rFID feature space: {args.extractor}. img/s: training images per second of fit wall time.")
+    chance = 100 / (classifier.head.out_features if classifier is not None else 10)
+    notes, informative = findings(rows, chance)
     md = write_table(rows, args.out, "ablation_f", "Ablation over the downsampling factor f", preamble)
+    md.write_text(md.read_text() + "\n## Findings\n\n" + "".join(f"- {n}\n" for n in notes))
     fs = [float(f) for f in args.fs]
 
     def series(keys: list[str]) -> dict[str, list]:
@@ -94,7 +148,7 @@ def main() -> None:
     plots = [line_plot(Path(args.out) / "reconstruction_vs_f.png", fs,
                        series(["PSNR", "SSIM", "rFID", "label agreement %"]), "f", "Reconstruction vs f", log2_x=True)]
     gen = series(["FID", "class acc %", "CLIP score"])
-    if gen:
+    if gen and informative:
         plots.append(line_plot(Path(args.out) / "generation_vs_f.png", fs, gen, "f", "Generation vs f", log2_x=True))
     plots.append(line_plot(Path(args.out) / "throughput_vs_f.png", fs, series(["AE img/s", "LDM img/s"]), "f",
                            "Training throughput vs f", log2_x=True))

@@ -4,6 +4,7 @@ the ablation report and the guidance sweep."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -201,17 +202,24 @@ def test_ablation_report_and_guidance_sweep_write_tables_and_plots(tiny_exports,
               "--num-samples", "8", "--classifier", str(classifier_dir), "--extractor-weights", str(classifier_dir),
               "--steps", "2"]
     res = _script("scripts/ablation_report.py", "--exports", str(tiny_exports), "--recon-images", "16",
-                  "--out", str(tmp_path / "ablation"), *common)
+                  "--out", str(tmp_path / "ablation"), "--seeds", "0", "1", *common)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "ablation" / "ablation_f.csv")))
     assert [r["f"] for r in rows] == ["4", "8", "16"]
     assert [r["latent"] for r in rows] == ["3x8x8", "4x4x4", "16x2x2"]
     assert all(float(r["PSNR"]) > 0 and float(r["rFID"]) >= 0 for r in rows)
     assert rows[1]["FID"] and not rows[0]["FID"]  # only f=8 has a stage-2 export here
+    per_seed = [float(v) for v in rows[1]["FID per seed"].split(" / ")]
+    assert len(per_seed) == 2 and float(rows[1]["FID"]) == pytest.approx(sum(per_seed) / 2, abs=0.01)
+    assert float(rows[1]["FID spread"]) == pytest.approx(max(per_seed) - min(per_seed), abs=0.01)
     assert "no stage-2 export" in res.stderr
-    for png in ("reconstruction_vs_f.png", "generation_vs_f.png", "throughput_vs_f.png"):
+    for png in ("reconstruction_vs_f.png", "throughput_vs_f.png"):
         assert (tmp_path / "ablation" / png).stat().st_size > 1000
-    assert "| f | latent |" in (tmp_path / "ablation" / "ablation_f.md").read_text()
+    md = (tmp_path / "ablation" / "ablation_f.md").read_text()
+    assert "| f | latent |" in md and "## Findings" in md and "PSNR " in md
+    # Two-step samples of an untrained model are at chance: the report says so instead of plotting them.
+    if float(rows[1]["class acc %"]) < 20:
+        assert "too short" in md and not (tmp_path / "ablation" / "generation_vs_f.png").exists()
 
     res = _script("scripts/guidance_sweep.py", "--model", str(tiny_exports / "ldm_f8"), "--scales", "1", "3",
                   "--out", str(tmp_path / "sweep"), *common)
@@ -220,6 +228,24 @@ def test_ablation_report_and_guidance_sweep_write_tables_and_plots(tiny_exports,
     assert [r["cfg scale"] for r in rows] == ["1", "3"]
     assert all(float(r["fid_classifier"]) > 0 and 0 <= float(r["class_accuracy"]) <= 100 for r in rows)
     assert (tmp_path / "sweep" / "guidance_sweep.png").is_file()
+
+
+def test_ablation_findings_state_the_trend_and_refuse_noise():
+    spec = importlib.util.spec_from_file_location("ablation_report", ROOT / "scripts" / "ablation_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    rows = [{"f": 4, "PSNR": 29.3, "FID": 62.0, "class acc %": 74.0}, {"f": 8, "PSNR": 25.1, "FID": 40.6,
+            "class acc %": 78.0}, {"f": 16, "PSNR": 21.4, "FID": 92.1, "class acc %": 15.0}]
+    notes, informative = report.findings(rows, chance=10.0)
+    assert informative and "PSNR falls monotonically" in notes[0]
+    assert any("f=16: samples near chance" in n for n in notes) and any("f=8 (40.6)" in n for n in notes)
+    noise = [dict(r, **{"class acc %": a}) for r, a in zip(rows, (8.2, 10.3, 7.4), strict=True)]
+    noise[1]["PSNR"] = 30.0
+    notes, informative = report.findings(noise, chance=10.0)
+    assert not informative and "does NOT fall" in notes[0] and "too short" in notes[1]
+    assert report.generation_columns([{"fid": 40.0, "class_accuracy": 0.75}, {"fid": 44.0, "class_accuracy": 0.8}]) \
+        == {"FID": 42.0, "FID spread": 4.0, "FID per seed": "40.00 / 44.00", "class acc %": 77.5,
+            "class acc % spread": 5.0, "class acc % per seed": "75.0 / 80.0"}
 
 
 def test_per_class_accuracy_script(tiny_exports, classifier_dir, tmp_path):
