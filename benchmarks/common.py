@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 
 from ldm.evaluation.report import machine, markdown_table
+from ldm.utils.config import compose
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_ENV = "LDM_BENCH_SMOKE_DIR"
 
-__all__ = ["RESULTS", "ROOT", "SMOKE_ENV", "add_smoke_arg", "compose", "interleaved_medians", "make_smoke_first_stage",
+__all__ = ["RESULTS", "ROOT", "SMOKE_ENV", "add_smoke_arg", "interleaved_medians", "make_smoke_first_stage",
            "make_smoke_pipeline", "markdown_table", "median_seconds", "native_bf16", "peak_rss_mb", "smoke_dir",
            "write_result"]
 
@@ -91,21 +92,6 @@ def native_bf16() -> bool:
     from ldm.utils.config import cpu_supports_bf16
 
     return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
-
-
-def compose(overrides: list[str]):
-    """The framework's Hydra config (configs/train.yaml) with ``overrides``, unlocked."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import ldm.utils.config  # noqa: F401  (resolvers)
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
-    OmegaConf.set_struct(cfg, False)
-    cfg.hydra = None
-    return cfg
 
 
 def make_smoke_first_stage(folder: Path) -> Path:

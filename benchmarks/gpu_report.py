@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
+from ldm.utils.config import compose
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ROOT,
     SMOKE_ENV,
     add_smoke_arg,
-    compose,
     make_smoke_first_stage,
     markdown_table,
     smoke_dir,

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ldm.utils.config import compose
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ROOT,
     add_smoke_arg,
-    compose,
     make_smoke_first_stage,
     markdown_table,
     median_seconds,

@@ -62,7 +62,7 @@ def findings(rows: list[dict], chance: float) -> tuple[list[str], bool]:
     lines = []
     psnr = [(r["f"], r["PSNR"]) for r in rows]
     if len(psnr) > 1:
-        falls = all(a[1] > b[1] for a, b in zip(psnr, psnr[1:]))
+        falls = all(a[1] > b[1] for a, b in zip(psnr, psnr[1:], strict=False))
         trail = " > ".join(f"{p:g}" for _, p in psnr)
         lines.append(f"PSNR {'falls' if falls else 'does NOT fall'} monotonically as f grows ({trail} dB).")
     accs = [(r["f"], r.get("class acc %")) for r in rows if r.get("class acc %") is not None]

@@ -110,9 +110,10 @@ class SampleJudge:
 
 def per_class_accuracy(pipe: LatentDiffusionPipeline, classifier: nn.Module, per_class: int = 50, *,
                        sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0, seed: int = 0,
-                       batch_size: int = 100) -> dict[str, float]:
+                       batch_size: int = 100, fid: FrechetInceptionDistance | None = None) -> dict[str, float]:
     """``per_class`` samples of each Fashion-MNIST class (its caption or label), judged by ``classifier``: the
-    share classified as their class, per class name and overall (``all``)."""
+    share classified as their class, per class name and overall (``all``). ``fid`` (holding reference
+    statistics) also receives the samples."""
     from ldm.data.fashion_mnist import CLASS_NAMES, caption_for
 
     labels = [c for c in range(len(CLASS_NAMES)) for _ in range(per_class)]
@@ -121,6 +122,9 @@ def per_class_accuracy(pipe: LatentDiffusionPipeline, classifier: nn.Module, per
                       batch_size=batch_size, progress=True)
     pred = torch.cat([classifier(images[i:i + batch_size].float().cpu() * 2 - 1).argmax(1)
                       for i in range(0, len(images), batch_size)])
+    if fid is not None:
+        for i in range(0, len(images), batch_size):
+            fid.update(images[i:i + batch_size].to(fid.device), real=False)
     hit = (pred == torch.tensor(labels)).float()
     out = {name: hit[c * per_class:(c + 1) * per_class].mean().item() for c, name in enumerate(CLASS_NAMES)}
     return {"all": hit.mean().item()} | out

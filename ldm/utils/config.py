@@ -11,6 +11,21 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """The framework's Hydra config (``configs/<config_name>.yaml``) with ``overrides``, unlocked, outside a
+    Hydra run (``hydra`` is dropped: nothing here reads the run's output folder)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.hydra = None
+    return cfg
+
 
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16-mixed pays off."""

@@ -1,0 +1,155 @@
+"""The demo's time plan: from the rates measured on this machine to each part's budget.
+
+Everything but the two training budgets has a cost that follows from a measured rate (encoding, sampling,
+the classifier's steps) or a measured process start. The training time left within the deadline is split
+between the stages: stage 1 gets the time to see ``ae_target_images`` at its measured rate, kept between
+``ae_share`` bounds of the training time (a slow machine spends the larger share on stage 2, whose steps decide
+whether samples are recognisable); stage 2 gets the rest. The latent cache holds only what stage 2 can use:
+at most ``cache_share`` of stage 2's time spent encoding (never fewer than ``cache_min`` images, never more
+than the dataset), so a slow machine does not spend a third of its demo encoding latents it never reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured on this machine, at the precision the configs choose (images per second)."""
+
+    ae_train: float          # stage-1 training step (forward, backward, Adam) at its batch size
+    ldm_train: float         # stage-2 training step (U-Net + text encoder) at its batch size
+    encode: float            # first-stage encoder forward (the latent cache)
+    denoise: float           # U-Net forwards per second at sampling batch (one image under CFG takes two)
+    decode: float            # first-stage decoder forward
+    classifier_train: float  # the evaluation classifier's training step
+    startup_s: float         # a Python process importing torch + lightning + the framework
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the demo does and the rules it plans by."""
+
+    minutes: float = 30.0
+    margin_s: float = 60.0           # kept free for what the estimates miss
+    train_images: int = 60_000       # the dataset's training split
+    val_images: int = 2_000          # data.val_limit: the validation subset stage 2 caches
+    grid_images: int = 80            # sample.py's grid: 8 per class
+    judge_per_class: int = 50        # the closing accuracy table: 500 samples
+    sampling_steps: int = 20
+    classifier_epochs: int = 2       # when no classifier export exists yet
+    need_shards: bool = True
+    need_classifier: bool = True
+    ae_target_images: int = 30_000
+    ae_share: tuple[float, float] = (0.30, 0.45)
+    cache_share: float = 0.10
+    cache_min: int = 10_000
+    ae_stats_images: int = 800       # ExportFirstStage: 50 batches of 16 for the latent statistics
+
+
+@dataclass
+class Part:
+    name: str
+    seconds: float
+    detail: str
+
+
+@dataclass
+class DemoPlan:
+    parts: list[Part] = field(default_factory=list)
+    ae_seconds: float = 0.0
+    ldm_seconds: float = 0.0
+    cache_train_images: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return sum(p.seconds for p in self.parts)
+
+    def part(self, name: str) -> Part:
+        return next(p for p in self.parts if p.name == name)
+
+
+class PlanError(ValueError):
+    """The machine is too slow for the demo within its deadline."""
+
+
+def cache_seconds(images: int, rates: Rates) -> float:
+    # Loader decoding and shard writing overlap the encoder; the pipeline runs at ~0.8 of the pure forward rate.
+    return images / (0.8 * rates.encode)
+
+
+def sampling_seconds(images: int, rates: Rates, steps: int) -> float:
+    return images * 2 * steps / rates.denoise + images / rates.decode
+
+
+def cache_images(ldm_seconds: float, rates: Rates, s: Settings) -> int:
+    budget = s.cache_share * ldm_seconds * 0.8 * rates.encode
+    return int(min(s.train_images, max(s.cache_min, round(budget, -3))))
+
+
+def fixed_after_stage1(rates: Rates, s: Settings, cache_train: int) -> list[Part]:
+    """The parts after stage 1 except stage 2's training budget, with their estimated seconds."""
+    parts = [
+        Part("latent cache", cache_seconds(cache_train + s.val_images, rates),
+             f"{cache_train:,} train + {s.val_images:,} val images at ~{0.8 * rates.encode:.0f} img/s"),
+        Part("sampling", rates.startup_s + sampling_seconds(s.grid_images, rates, s.sampling_steps),
+             f"grid of {s.grid_images} images, {s.sampling_steps} steps, CFG"),
+    ]
+    if s.need_classifier:
+        parts.append(Part("classifier", rates.startup_s + 15 + s.classifier_epochs * s.train_images
+                          / rates.classifier_train,
+                          f"{s.classifier_epochs} epochs at {rates.classifier_train:.0f} img/s (evaluator only)"))
+    n = 10 * s.judge_per_class
+    parts.append(Part("accuracy table", 10 + sampling_seconds(n, rates, s.sampling_steps),
+                      f"{n} samples ({s.judge_per_class} per class) judged by the classifier"))
+    return parts
+
+
+def stage_overhead(rates: Rates) -> float:
+    """A training run's time besides its budget: process start, data loaders, checkpoint and export."""
+    return rates.startup_s + 10
+
+
+def stage2_seconds(left_s: float, rates: Rates, s: Settings) -> tuple[float, int, list[Part]]:
+    """Stage 2's budget, the cache size and the parts after stage 1 but stage 2, given ``left_s`` seconds before
+    the deadline once stage 1 is done. The cache size depends on the budget and the budget on the cache's
+    cost: a few rounds settle both."""
+    cache_train = s.cache_min
+    for _ in range(4):
+        parts = fixed_after_stage1(rates, s, cache_train)
+        ldm = left_s - s.margin_s - stage_overhead(rates) - sum(p.seconds for p in parts)
+        cache_train = cache_images(max(ldm, 0.0), rates, s)
+    parts = fixed_after_stage1(rates, s, cache_train)
+    return left_s - s.margin_s - stage_overhead(rates) - sum(p.seconds for p in parts), cache_train, parts
+
+
+def stage2_part(ldm_s: float, rates: Rates) -> Part:
+    return Part("stage 2 (ldm_f8)", ldm_s + stage_overhead(rates), f"{ldm_s / 60:.1f} min budget: "
+                f"~{ldm_s * rates.ldm_train:,.0f} samples at {rates.ldm_train:.0f} img/s (step rate), then export")
+
+
+def plan_demo(rates: Rates, s: Settings, spent: dict[str, float] | None = None) -> DemoPlan:
+    """The whole demo's plan, after the parts already done (``spent``: name -> measured seconds)."""
+    spent = spent or {}
+    deadline = 60 * s.minutes - sum(spent.values())
+    stage1_overhead = stage_overhead(rates) + s.ae_stats_images / rates.encode
+    # First pass: the fixed parts at the smallest cache, to size the training time to split.
+    fixed = stage_overhead(rates) + sum(p.seconds for p in fixed_after_stage1(rates, s, s.cache_min))
+    train = deadline - s.margin_s - stage1_overhead - fixed
+    lo, hi = s.ae_share
+    ae = min(max(s.ae_target_images / rates.ae_train, lo * train), hi * train)
+    ldm, cache_train, after = stage2_seconds(deadline - stage1_overhead - ae, rates, s)
+    if ae < 60 or ldm < 120:
+        raise PlanError(f"this machine leaves {ae:.0f} s for stage 1 and {ldm:.0f} s for stage 2 within "
+                        f"{s.minutes:g} minutes (measured: stage 1 {rates.ae_train:.1f} img/s, stage 2 "
+                        f"{rates.ldm_train:.1f} img/s); give the demo more time with --minutes")
+    plan = DemoPlan(ae_seconds=ae, ldm_seconds=ldm, cache_train_images=cache_train)
+    plan.parts.extend(Part(name, seconds, "done (measured)") for name, seconds in spent.items())
+    plan.parts.append(Part("stage 1 (ae_f8)", ae + stage1_overhead,
+                           f"{ae / 60:.1f} min budget: ~{ae * rates.ae_train:,.0f} images at {rates.ae_train:.1f} "
+                           "img/s (step rate), then latent statistics and export"))
+    plan.parts.append(after[0])
+    plan.parts.append(stage2_part(ldm, rates))
+    plan.parts.extend(after[1:])
+    return plan

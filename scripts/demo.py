@@ -1,0 +1,192 @@
+"""The demo, planned for this machine: data, stage 1, latent cache, stage 2, a sample grid and a per-class
+accuracy table, within a deadline (30 minutes by default).
+
+    python scripts/demo.py                 # what `make demo` runs
+    python scripts/demo.py --minutes 45    # a longer demo: both training budgets grow
+
+It writes the Fashion-MNIST shards, then measures this machine in under a minute (ldm.demo.probe: both
+stages' training steps, the encoder, sampling, the classifier) and plans every part from those rates
+(ldm.demo.plan): how long each stage trains, how many images the latent cache encodes, what sampling
+and the closing evaluation cost. It prints the plan, runs each part as its own command (the same
+`train.py` / `sample.py` commands a researcher would type, with the planned budgets as overrides), plans
+stage 2 again from the time actually left once stage 1 is done, and ends with the time each part took,
+the grid's path and the per-class accuracy of 500 samples at the default guidance. The plan and the
+outcome are also written to <root>/logs/demo/<date>.md. Run outputs go where train.py puts them
+(LDM_ROOT or the working directory).
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from datetime import datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hydra.utils import instantiate  # noqa: E402
+
+from ldm.demo.plan import DemoPlan, PlanError, Settings, plan_demo, stage2_part, stage2_seconds  # noqa: E402
+from ldm.demo.probe import probe  # noqa: E402
+from ldm.evaluation.report import machine, markdown_table  # noqa: E402
+from ldm.utils.config import compose  # noqa: E402
+
+IMPORT_S = time.time() - START
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("demo")
+
+
+def max_time(seconds: float) -> str:
+    """Lightning's DD:HH:MM:SS."""
+    s = max(1, int(seconds))
+    return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def mmss(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def run(part: str, cmd: list[str]) -> None:
+    log.info("[%s] $ %s", part, " ".join(cmd[1:]))
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"demo: the {part} step failed (exit {done.returncode}); its output is above. What the "
+                         "earlier steps wrote is kept; rerunning the demo reuses the dataset shards and the cache.")
+
+
+def plan_table(plan: DemoPlan, actual: dict[str, float] | None = None) -> str:
+    rows = [{"part": p.name, "planned": mmss(p.seconds)} | ({"took": mmss(actual[p.name]) if p.name in actual else ""}
+                                                           if actual is not None else {}) | {"what": p.detail}
+            for p in plan.parts]
+    total = {"part": "**total**", "planned": mmss(plan.total_s), "what": ""}
+    if actual is not None:
+        total["took"] = mmss(sum(actual.values()))
+    return markdown_table([*rows, total], list(rows[0]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=30.0, help="deadline for the whole demo")
+    parser.add_argument("--margin", type=float, default=60.0, help="seconds kept free for what estimates miss")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    py = sys.executable
+    ae_cfg = compose(["experiment=ae_f8"])
+    paths = ae_cfg.paths
+    exports, grid_dir = Path(paths.export_dir), Path(paths.root_dir) / "samples" / "demo"
+    classifier_dir = exports / "fashion_classifier"
+    actual: dict[str, float] = {}
+    log.info("demo on %s; deadline %g min", machine(), args.minutes)
+
+    t = time.time()
+    log.info("[dataset shards] Fashion-MNIST at %d px into %s", ae_cfg.data.resolution, paths.data_dir)
+    instantiate(ae_cfg.data.prepare)()
+    actual["dataset shards"] = time.time() - t
+
+    t = time.time()
+    log.info("[probe] measuring both stages, the encoder, sampling and the classifier on this machine ...")
+    rates = probe(ae_cfg, compose(["experiment=ldm_f8"]), startup_s=IMPORT_S + 2)
+    actual["probe"] = time.time() - t
+    settings = Settings(minutes=args.minutes, margin_s=args.margin, val_images=ae_cfg.data.val_limit,
+                        need_classifier=not (classifier_dir / "config.yaml").is_file())
+    try:
+        plan = plan_demo(rates, settings, dict(actual))
+    except PlanError as err:
+        raise SystemExit(f"demo: {err}") from None
+    log.info("measured (img/s): stage 1 %.1f, stage 2 %.0f, encoder %.0f, U-Net sampling forward %.0f, decoder %.0f, "
+             "classifier %.0f; process start %.1f s", rates.ae_train, rates.ldm_train, rates.encode, rates.denoise,
+             rates.decode, rates.classifier_train, rates.startup_s)
+    log.info("plan (mm:ss):\n%s", plan_table(plan))
+
+    t = time.time()
+    run("stage 1", [py, "train.py", "experiment=ae_f8", f"trainer.max_time={max_time(plan.ae_seconds)}"])
+    actual["stage 1 (ae_f8)"] = time.time() - t
+
+    # Stage 2 gets what is left: stage 1's overrun or saving moves into its budget and the cache size.
+    left = 60 * args.minutes - (time.time() - START)
+    ldm_s, cache_n, after = stage2_seconds(left, rates, settings)
+    if ldm_s < 60:
+        raise SystemExit(f"demo: only {ldm_s:.0f} s are left for stage 2; exports/ae_f8 is kept — rerun with a "
+                         "larger --minutes")
+    replanned = {p.name: p for p in [stage2_part(ldm_s, rates), *after]}
+    plan.parts = [replanned.get(p.name, p) for p in plan.parts]
+    plan.ldm_seconds, plan.cache_train_images = ldm_s, cache_n
+    log.info("replanned with %s left: stage 2 trains %s, the cache holds %d training images", mmss(left),
+             mmss(ldm_s), cache_n)
+    # Validation (loss + the image logger's samples) about every 4 minutes of stage 2, not every short epoch.
+    val_every = max(1, round(240 / (cache_n / rates.ldm_train)))
+    ldm_overrides = ["experiment=ldm_f8", f"+data.prepare.limits.train={cache_n}"]
+
+    t = time.time()
+    log.info("[latent cache] %d training + %d validation images", cache_n, settings.val_images)
+    instantiate(compose(ldm_overrides).data.prepare)()
+    actual["latent cache"] = time.time() - t
+
+    t = time.time()
+    run("stage 2", [py, "train.py", *ldm_overrides, f"trainer.max_time={max_time(ldm_s)}",
+                    f"trainer.check_val_every_n_epoch={val_every}"])
+    actual["stage 2 (ldm_f8)"] = time.time() - t
+
+    t = time.time()
+    run("sampling", [py, "sample.py", f"model_path={exports / 'ldm_f8'}", "num_images=8", f"out_dir={grid_dir}"])
+    actual["sampling"] = time.time() - t
+
+    if settings.need_classifier:
+        t = time.time()
+        run("classifier", [py, "scripts/train_classifier.py", "--epochs", str(settings.classifier_epochs),
+                           "--out", str(classifier_dir)])
+        actual["classifier"] = time.time() - t
+
+    t = time.time()
+    table, fid = closing_evaluation(exports / "ldm_f8", classifier_dir, ae_cfg, settings)
+    actual["accuracy table"] = time.time() - t
+
+    total = time.time() - START
+    summary = (f"# Demo, {datetime.now():%Y-%m-%d %H:%M}\n\nMachine: {machine()}\n\nMeasured rates: "
+               f"{json.dumps({k: round(v, 1) for k, v in asdict(rates).items()})}\n\n"
+               f"{plan_table(plan, actual)}\n\nWall time from start to here: **{mmss(total)}** "
+               f"(deadline {args.minutes:g} min).\n\nGrid: {grid_dir / 'grid.png'}\n\n{table}\n\n"
+               f"Classifier-feature FID of these {10 * settings.judge_per_class} samples against as many test "
+               f"images: {fid:.1f}\n")
+    report = Path(paths.log_dir) / "demo" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(summary)
+    sys.stdout.write("\n" + summary + f"\nwritten: {report}\n")
+
+
+def closing_evaluation(model: Path, classifier_dir: Path, ae_cfg, settings: Settings) -> tuple[str, float]:
+    """Per-class accuracy (markdown) and classifier-feature FID of ``judge_per_class`` samples per class."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ldm.checkpoints import load_classifier
+    from ldm.data.loaders import ShardData
+    from ldm.evaluation.features import build_extractor
+    from ldm.evaluation.samples import per_class_accuracy, read_reference
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    classifier = load_classifier(classifier_dir)
+    n = 10 * settings.judge_per_class
+    fid = FrechetInceptionDistance(feature=build_extractor("classifier", classifier_dir), normalize=True)
+    val = ShardData(train_shards=ae_cfg.data.val_shards, val_shards=ae_cfg.data.val_shards,
+                    resolution=ae_cfg.data.resolution, val_batch_size=100, num_workers=0, val_limit=n)
+    read_reference(val.val_dataloader(), n, fid)
+    cfg_scale = compose([], config_name="sample").cfg_scale  # sample.py's default guidance
+    with torch.no_grad():
+        acc = per_class_accuracy(pipe, classifier, settings.judge_per_class, steps=settings.sampling_steps,
+                                 cfg_scale=cfg_scale, fid=fid)
+    table = (f"Per-class accuracy (%) of {settings.judge_per_class} samples per class, {settings.sampling_steps} "
+             f"steps, cfg {cfg_scale:g}, judged by {classifier_dir}:\n\n"
+             + markdown_table([{k: f"{100 * v:.1f}" for k, v in acc.items()}], list(acc)))
+    return table, float(fid.compute())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The demo's plan: every part fits the deadline on a fast and a slow machine, and the split follows the rates."""
+
+from __future__ import annotations
+
+import pytest
+
+from ldm.demo.plan import PlanError, Rates, Settings, cache_images, plan_demo, stage2_seconds
+from ldm.demo.probe import probe
+from ldm.utils.config import compose
+
+# Rates of the order measured on an AVX-512/AMX Xeon (bf16) and of an AVX2-only EPYC (fp32, from the issue's run).
+FAST = Rates(ae_train=45, ldm_train=220, encode=600, denoise=1500, decode=300, classifier_train=1100, startup_s=6)
+SLOW = Rates(ae_train=14, ldm_train=105, encode=140, denoise=500, decode=90, classifier_train=600, startup_s=9)
+SPENT = {"dataset shards": 40.0, "probe": 30.0}
+
+
+@pytest.mark.parametrize("rates", [FAST, SLOW], ids=["fast", "slow"])
+def test_plan_fits_the_deadline_and_gives_training_the_rest(rates):
+    s = Settings()
+    plan = plan_demo(rates, s, SPENT)
+    names = [p.name for p in plan.parts]
+    assert names == ["dataset shards", "probe", "stage 1 (ae_f8)", "latent cache", "stage 2 (ldm_f8)", "sampling",
+                     "classifier", "accuracy table"]
+    # Everything planned, plus the margin, is exactly the deadline: no time is left unused or overbooked.
+    assert plan.total_s + s.margin_s == pytest.approx(60 * s.minutes, abs=1.0)
+    # Stage 1's share is of the training time before the cache grows past its minimum (which stage 2 pays for).
+    grown = (plan.cache_train_images - s.cache_min) / (0.8 * rates.encode)
+    train = plan.ae_seconds + plan.ldm_seconds + grown
+    assert s.ae_share[0] * train - 1 <= plan.ae_seconds <= s.ae_share[1] * train + 1
+    assert s.cache_min <= plan.cache_train_images <= s.train_images
+    encode_s = 1 / (0.8 * rates.encode)  # per image, loader and writer overlapping the encoder
+    cap = max(s.cache_share * plan.ldm_seconds, s.cache_min * encode_s) + s.val_images * encode_s
+    assert plan.part("latent cache").seconds <= cap + 1
+
+
+def test_slow_machine_caches_less_and_trains_stage_2_longer_relative_to_stage_1():
+    fast, slow = plan_demo(FAST, Settings(), SPENT), plan_demo(SLOW, Settings(), SPENT)
+    assert slow.cache_train_images < fast.cache_train_images
+    assert slow.ldm_seconds / slow.ae_seconds >= fast.ldm_seconds / fast.ae_seconds
+    # A slow machine is held at the share cap (it cannot reach the stage-1 image target in time).
+    assert slow.ae_seconds * SLOW.ae_train < Settings().ae_target_images
+    assert slow.ae_seconds == pytest.approx(Settings().ae_share[1] * (slow.ae_seconds + slow.ldm_seconds), rel=0.05)
+    # An existing classifier export frees its time for training.
+    reuse = plan_demo(SLOW, Settings(need_classifier=False), SPENT)
+    assert reuse.ldm_seconds + reuse.ae_seconds > slow.ldm_seconds + slow.ae_seconds + 60
+
+
+def test_replanning_moves_stage_1_overrun_into_stage_2_and_refuses_a_machine_too_slow():
+    s = Settings()
+    long_, cache_long, _ = stage2_seconds(900, FAST, s)
+    short, cache_short, _ = stage2_seconds(700, FAST, s)
+    assert long_ - short == pytest.approx(200, abs=60) and cache_short <= cache_long
+    assert cache_images(0, SLOW, s) == s.cache_min and cache_images(1e9, FAST, s) == s.train_images
+    crawl = Rates(ae_train=1, ldm_train=5, encode=10, denoise=40, decode=5, classifier_train=50, startup_s=10)
+    with pytest.raises(PlanError, match="--minutes"):
+        plan_demo(crawl, s, SPENT)
+
+
+def test_probe_measures_the_configured_networks(tmp_path):
+    tiny = ["data.resolution=16", "trainer.precision=32-true", f"paths.root_dir={tmp_path}"]
+    ae = compose(["experiment=ae_f8", *tiny, "model.autoencoder.ch=8", "model.autoencoder.ch_mult=[1,2]"])
+    ldm = compose(["experiment=ldm_f8", *tiny, "model.unet.model_channels=16", "model.unet.num_head_channels=8",
+                   "data.batch_size=8", "data.prepare.batch_size=8"])
+    rates = probe(ae, ldm, startup_s=1.0, iters=1)
+    measured = [rates.ae_train, rates.ldm_train, rates.encode, rates.denoise, rates.decode, rates.classifier_train]
+    assert all(0 < v < float("inf") for v in measured) and rates.startup_s == 1.0
+    # The plan accepts what the probe measured (tiny networks: fast, so nothing is refused).
+    assert plan_demo(rates, Settings(), SPENT).ldm_seconds > 0
