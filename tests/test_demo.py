@@ -66,3 +66,11 @@ def test_probe_measures_the_configured_networks(tmp_path):
     assert all(0 < v < float("inf") for v in measured) and rates.startup_s == 1.0
     # The plan accepts what the probe measured (tiny networks: fast, so nothing is refused).
     assert plan_demo(rates, Settings(), SPENT).ldm_seconds > 0
+
+
+def test_bf16_only_where_torch_kernels_run_avx512(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 (or a CPU without AVX-512) means fp32: bf16 would be emulated, slower than fp32."""
+    import ldm.utils.config as config
+
+    monkeypatch.setattr("torch.backends.cpu.get_cpu_capability", lambda: "AVX2")
+    assert not config.cpu_supports_bf16() and config.auto_precision("cpu") == "32-true"

@@ -28,7 +28,10 @@ def compose(overrides: list[str], config_name: str = "train"):
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16-mixed pays off."""
+    """True when the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX) and PyTorch's CPU kernels use AVX-512
+    (not held to AVX2 by ATEN_CPU_CAPABILITY=avx2), where bf16-mixed pays off."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
