@@ -32,9 +32,18 @@ from pathlib import Path  # noqa: E402
 
 from hydra.utils import instantiate  # noqa: E402
 
-from ldm.demo.plan import DemoPlan, PlanError, Settings, plan_demo, stage2_part, stage2_seconds  # noqa: E402
+from ldm.demo.plan import (  # noqa: E402
+    DemoPlan,
+    PlanError,
+    Settings,
+    plan_demo,
+    stage2_overrides,
+    stage2_part,
+    stage2_seconds,
+)
 from ldm.demo.probe import probe  # noqa: E402
 from ldm.evaluation.report import machine, markdown_table  # noqa: E402
+from ldm.utils.allocator import apply_policy  # noqa: E402
 from ldm.utils.config import compose  # noqa: E402
 
 IMPORT_S = time.time() - START
@@ -78,6 +87,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     py = sys.executable
     ae_cfg = compose(["experiment=ae_f8"])
+    apply_policy(ae_cfg.host_allocator)  # as train.py does: the probe and the cache run as training will
     paths = ae_cfg.paths
     exports, grid_dir = Path(paths.export_dir), Path(paths.root_dir) / "samples" / "demo"
     classifier_dir = exports / "fashion_classifier"
@@ -91,10 +101,12 @@ def main() -> None:
 
     t = time.time()
     log.info("[probe] measuring both stages, the encoder, sampling and the classifier on this machine ...")
-    rates = probe(ae_cfg, compose(["experiment=ldm_f8"]), startup_s=IMPORT_S + 2)
+    ldm_cfg = compose(["experiment=ldm_f8"])
+    rates = probe(ae_cfg, ldm_cfg, startup_s=IMPORT_S + 2)
     actual["probe"] = time.time() - t
     settings = Settings(minutes=args.minutes, margin_s=args.margin, val_images=ae_cfg.data.val_limit,
-                        need_classifier=not (classifier_dir / "config.yaml").is_file())
+                        need_classifier=not (classifier_dir / "config.yaml").is_file(),
+                        ldm_batch_size=ldm_cfg.data.batch_size)
     try:
         plan = plan_demo(rates, settings, dict(actual))
     except PlanError as err:
@@ -121,7 +133,8 @@ def main() -> None:
              mmss(ldm_s), cache_n)
     # Validation (loss + the image logger's samples) about every 4 minutes of stage 2, not every short epoch.
     val_every = max(1, round(240 / (cache_n / rates.ldm_train)))
-    ldm_overrides = ["experiment=ldm_f8", f"+data.prepare.limits.train={cache_n}"]
+    ldm_overrides = ["experiment=ldm_f8", *stage2_overrides(ldm_s, cache_n, rates, settings)]
+    log.info("stage 2 recipe for this budget: %s", " ".join(ldm_overrides[1:]))
 
     t = time.time()
     log.info("[latent cache] %d training + %d validation images", cache_n, settings.val_images)
@@ -168,23 +181,30 @@ def closing_evaluation(model: Path, classifier_dir: Path, ae_cfg, settings: Sett
     from ldm.checkpoints import load_classifier
     from ldm.data.loaders import ShardData
     from ldm.evaluation.features import build_extractor
-    from ldm.evaluation.samples import per_class_accuracy, read_reference
+    from ldm.evaluation.samples import per_class_accuracy, read_reference, real_accuracy
     from ldm.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(model)
     classifier = load_classifier(classifier_dir)
     n = 10 * settings.judge_per_class
     fid = FrechetInceptionDistance(feature=build_extractor("classifier", classifier_dir), normalize=True)
-    val = ShardData(train_shards=ae_cfg.data.val_shards, val_shards=ae_cfg.data.val_shards,
-                    resolution=ae_cfg.data.resolution, val_batch_size=100, num_workers=0, val_limit=n)
-    read_reference(val.val_dataloader(), n, fid)
+
+    def test_images(limit: int):
+        return ShardData(train_shards=ae_cfg.data.val_shards, val_shards=ae_cfg.data.val_shards,
+                         resolution=ae_cfg.data.resolution, val_batch_size=100, num_workers=0,
+                         val_limit=limit).val_dataloader()
+
+    read_reference(test_images(n), n, fid)
+    real = real_accuracy(test_images(2000), classifier, 2000)
     cfg_scale = compose([], config_name="sample").cfg_scale  # sample.py's default guidance
     with torch.no_grad():
         acc = per_class_accuracy(pipe, classifier, settings.judge_per_class, steps=settings.sampling_steps,
                                  cfg_scale=cfg_scale, fid=fid)
-    table = (f"Per-class accuracy (%) of {settings.judge_per_class} samples per class, {settings.sampling_steps} "
-             f"steps, cfg {cfg_scale:g}, judged by {classifier_dir}:\n\n"
-             + markdown_table([{k: f"{100 * v:.1f}" for k, v in acc.items()}], list(acc)))
+    rows = [{"judged": f"samples, cfg {cfg_scale:g}"} | {k: f"{100 * v:.1f}" for k, v in acc.items()},
+            {"judged": "real test images"} | {k: f"{100 * v:.1f}" for k, v in real.items()}]
+    table = (f"Per-class accuracy (%) of {settings.judge_per_class} samples per class ({settings.sampling_steps} "
+             f"steps, cfg {cfg_scale:g}) and of 2,000 real test images, judged by {classifier_dir}:\n\n"
+             + markdown_table(rows, list(rows[0])))
     return table, float(fid.compute())
 
 

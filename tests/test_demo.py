@@ -74,3 +74,14 @@ def test_bf16_only_where_torch_kernels_run_avx512(monkeypatch):
 
     monkeypatch.setattr("torch.backends.cpu.get_cpu_capability", lambda: "AVX2")
     assert not config.cpu_supports_bf16() and config.auto_precision("cpu") == "32-true"
+
+
+def test_stage_2_recipe_scales_the_warm_up_with_the_planned_steps():
+    from ldm.demo.plan import stage2_overrides, warmup_steps
+
+    s = Settings()
+    # 12 minutes at 205 img/s, batch 64: ~2300 steps -> a tenth; 5 minutes on a slow machine: the floor.
+    assert warmup_steps(720, Rates(**{**FAST.__dict__, "ldm_train": 205}), s) == 231
+    assert warmup_steps(300, SLOW, s) == 50 and warmup_steps(1e6, FAST, s) == 500
+    assert stage2_overrides(720, 17000, FAST, s) == ["+data.prepare.limits.train=17000", "model.min_snr_gamma=5",
+                                                     "callbacks.lr_schedule.warmup_steps=248"]

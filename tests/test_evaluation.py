@@ -254,3 +254,30 @@ def test_per_class_accuracy_script(tiny_exports, classifier_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / "acc.md").read_text()
     assert "| cfg scale | all | t-shirt |" in table and "ankle boot" in table
+
+
+def test_demo_closing_table_judges_samples_and_real_images(tiny_exports, data_dir, classifier_dir, tmp_path):
+    """The demo's last part: per-class accuracy of samples, the judge's own accuracy on real images, and FID."""
+    from ldm.demo.plan import Settings
+    from tests.conftest import compose_cfg, tiny_overrides
+
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    ae_cfg = compose_cfg(["experiment=ae_f8", *tiny_overrides(tmp_path, data_dir)])
+    table, fid = demo.closing_evaluation(tiny_exports / "ldm_f8", classifier_dir, ae_cfg,
+                                         Settings(judge_per_class=2, sampling_steps=2))
+    lines = table.splitlines()
+    assert lines[-4].startswith("| judged | all | t-shirt |") and "ankle boot" in lines[-4]
+    assert lines[-1].startswith("| real test images |") and lines[-2].startswith("| samples, cfg 4 |")
+    assert fid >= 0 and fid < float("inf")
+
+
+def test_accuracy_by_class_counts_each_class_apart():
+    from ldm.evaluation.samples import accuracy_by_class
+
+    labels = torch.tensor([0, 0, 1, 1, 1, 9])
+    pred = torch.tensor([0, 1, 1, 1, 0, 9])
+    acc = accuracy_by_class(pred, labels)
+    assert acc["all"] == pytest.approx(4 / 6) and acc["t-shirt"] == 0.5 and acc["trouser"] == pytest.approx(2 / 3)
+    assert acc["ankle boot"] == 1.0 and "bag" not in acc

@@ -125,6 +125,26 @@ def per_class_accuracy(pipe: LatentDiffusionPipeline, classifier: nn.Module, per
     if fid is not None:
         for i in range(0, len(images), batch_size):
             fid.update(images[i:i + batch_size].to(fid.device), real=False)
-    hit = (pred == torch.tensor(labels)).float()
-    out = {name: hit[c * per_class:(c + 1) * per_class].mean().item() for c, name in enumerate(CLASS_NAMES)}
-    return {"all": hit.mean().item()} | out
+    return accuracy_by_class(pred, torch.tensor(labels))
+
+
+def accuracy_by_class(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Share of ``pred == labels``: overall (``all``), then per Fashion-MNIST class name (classes present)."""
+    from ldm.data.fashion_mnist import CLASS_NAMES
+
+    hit = (pred == labels).float()
+    per_class = {name: hit[labels == c].mean().item() for c, name in enumerate(CLASS_NAMES) if (labels == c).any()}
+    return {"all": hit.mean().item()} | per_class
+
+
+@torch.no_grad()
+def real_accuracy(batches: Iterable[dict], classifier: nn.Module, limit: int) -> dict[str, float]:
+    """The classifier's own accuracy on up to ``limit`` real images (batches with ``image`` in [-1, 1]): the
+    ceiling its judgement of samples can be read against."""
+    preds, labels = [], []
+    for batch in batches:
+        preds.append(classifier(batch["image"].float()).argmax(1))
+        labels.append(batch["class_label"])
+        if sum(len(x) for x in labels) >= limit:
+            break
+    return accuracy_by_class(torch.cat(preds)[:limit], torch.cat(labels)[:limit])
