@@ -8,8 +8,9 @@ It writes the Fashion-MNIST shards, then measures this machine in under a minute
 stages' training steps, the encoder, sampling, the classifier) and plans every part from those rates
 (ldm.demo.plan): how long each stage trains, how many images the latent cache encodes, what sampling
 and the closing evaluation cost. It prints the plan, runs each part as its own command (the same
-`train.py` / `sample.py` commands a researcher would type, with the planned budgets as overrides), plans
-stage 2 again from the time actually left once stage 1 is done, and ends with the time each part took,
+`train.py` / `sample.py` commands a researcher would type, with the planned budgets as overrides) —
+the judge classifier first, when there is none yet — sizes the cache from the time actually left once
+stage 1 is done, gives stage 2 all that is left once the cache is built, and ends with the time each part took,
 the grid's path and the per-class accuracy of 500 samples at the default guidance. The plan and the
 outcome are also written to <root>/logs/demo/<date>.md. Run outputs go where train.py puts them
 (LDM_ROOT or the working directory).
@@ -34,8 +35,10 @@ from hydra.utils import instantiate  # noqa: E402
 
 from ldm.demo.plan import (  # noqa: E402
     DemoPlan,
+    Part,
     PlanError,
     Settings,
+    cache_part,
     plan_demo,
     stage2_overrides,
     stage2_part,
@@ -116,31 +119,43 @@ def main() -> None:
              rates.decode, rates.classifier_train, rates.startup_s)
     log.info("plan (mm:ss):\n%s", plan_table(plan))
 
+    def left() -> float:
+        return 60 * args.minutes - (time.time() - START)
+
+    def replan(*parts: Part) -> None:
+        by_name = {p.name: p for p in parts}
+        plan.parts = [by_name.get(p.name, p) for p in plan.parts]
+
+    if settings.need_classifier:
+        t = time.time()
+        run("classifier", [py, "scripts/train_classifier.py", "--epochs", str(settings.classifier_epochs),
+                           "--out", str(classifier_dir)])
+        actual["classifier"] = time.time() - t
+
     t = time.time()
     run("stage 1", [py, "train.py", "experiment=ae_f8", f"trainer.max_time={max_time(plan.ae_seconds)}"])
     actual["stage 1 (ae_f8)"] = time.time() - t
 
-    # Stage 2 gets what is left: stage 1's overrun or saving moves into its budget and the cache size.
-    left = 60 * args.minutes - (time.time() - START)
-    ldm_s, cache_n, after = stage2_seconds(left, rates, settings)
+    # What is left after stage 1 sizes the cache (an overrun or a saving so far moves into stage 2) ...
+    ldm_s, cache_n = stage2_seconds(left(), rates, settings)
     if ldm_s < 60:
         raise SystemExit(f"demo: only {ldm_s:.0f} s are left for stage 2; exports/ae_f8 is kept — rerun with a "
                          "larger --minutes")
-    replanned = {p.name: p for p in [stage2_part(ldm_s, rates), *after]}
-    plan.parts = [replanned.get(p.name, p) for p in plan.parts]
+    replan(cache_part(cache_n, rates, settings))
+    t = time.time()
+    log.info("[latent cache] %d training + %d validation images (%s left)", cache_n, settings.val_images,
+             mmss(left()))
+    instantiate(compose(["experiment=ldm_f8", f"+data.prepare.limits.train={cache_n}"]).data.prepare)()
+    actual["latent cache"] = time.time() - t
+
+    # ... and stage 2 trains for what is left once the cache is built, less the grid and the closing table.
+    ldm_s, _ = stage2_seconds(left(), rates, settings, cache_train=cache_n)
+    replan(stage2_part(ldm_s, rates))
     plan.ldm_seconds, plan.cache_train_images = ldm_s, cache_n
-    log.info("replanned with %s left: stage 2 trains %s, the cache holds %d training images", mmss(left),
-             mmss(ldm_s), cache_n)
     # Validation (loss + the image logger's samples) about every 4 minutes of stage 2, not every short epoch.
     val_every = max(1, round(240 / (cache_n / rates.ldm_train)))
     ldm_overrides = ["experiment=ldm_f8", *stage2_overrides(ldm_s, cache_n, rates, settings)]
-    log.info("stage 2 recipe for this budget: %s", " ".join(ldm_overrides[1:]))
-
-    t = time.time()
-    log.info("[latent cache] %d training + %d validation images", cache_n, settings.val_images)
-    instantiate(compose(ldm_overrides).data.prepare)()
-    actual["latent cache"] = time.time() - t
-
+    log.info("[stage 2] %s left: trains %s with %s", mmss(left()), mmss(ldm_s), " ".join(ldm_overrides[1:]))
     t = time.time()
     run("stage 2", [py, "train.py", *ldm_overrides, f"trainer.max_time={max_time(ldm_s)}",
                     f"trainer.check_val_every_n_epoch={val_every}"])
@@ -149,12 +164,6 @@ def main() -> None:
     t = time.time()
     run("sampling", [py, "sample.py", f"model_path={exports / 'ldm_f8'}", "num_images=8", f"out_dir={grid_dir}"])
     actual["sampling"] = time.time() - t
-
-    if settings.need_classifier:
-        t = time.time()
-        run("classifier", [py, "scripts/train_classifier.py", "--epochs", str(settings.classifier_epochs),
-                           "--out", str(classifier_dir)])
-        actual["classifier"] = time.time() - t
 
     t = time.time()
     table, fid = closing_evaluation(exports / "ldm_f8", classifier_dir, ae_cfg, settings)

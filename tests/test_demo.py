@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ldm.demo.plan import PlanError, Rates, Settings, cache_images, plan_demo, stage2_seconds
+from ldm.demo.plan import PlanError, Rates, Settings, cache_images, cache_seconds, plan_demo, stage2_seconds
 from ldm.demo.probe import probe
 from ldm.utils.config import compose
 
@@ -19,8 +19,8 @@ def test_plan_fits_the_deadline_and_gives_training_the_rest(rates):
     s = Settings()
     plan = plan_demo(rates, s, SPENT)
     names = [p.name for p in plan.parts]
-    assert names == ["dataset shards", "probe", "stage 1 (ae_f8)", "latent cache", "stage 2 (ldm_f8)", "sampling",
-                     "classifier", "accuracy table"]
+    assert names == ["dataset shards", "probe", "classifier", "stage 1 (ae_f8)", "latent cache", "stage 2 (ldm_f8)",
+                     "sampling", "accuracy table"]
     # Everything planned, plus the margin, is exactly the deadline: no time is left unused or overbooked.
     assert plan.total_s + s.margin_s == pytest.approx(60 * s.minutes, abs=1.0)
     # Stage 1's share is of the training time before the cache grows past its minimum (which stage 2 pays for).
@@ -47,9 +47,12 @@ def test_slow_machine_caches_less_and_trains_stage_2_longer_relative_to_stage_1(
 
 def test_replanning_moves_stage_1_overrun_into_stage_2_and_refuses_a_machine_too_slow():
     s = Settings()
-    long_, cache_long, _ = stage2_seconds(900, FAST, s)
-    short, cache_short, _ = stage2_seconds(700, FAST, s)
+    long_, cache_long = stage2_seconds(900, FAST, s)
+    short, cache_short = stage2_seconds(700, FAST, s)
     assert long_ - short == pytest.approx(200, abs=60) and cache_short <= cache_long
+    # Once the cache is built, every second left but the grid, the closing table and the margin goes to training.
+    built, cache = stage2_seconds(700, FAST, s, cache_train=cache_short)
+    assert cache == cache_short and built - short == pytest.approx(cache_seconds(cache_short + s.val_images, FAST))
     assert cache_images(0, SLOW, s) == s.cache_min and cache_images(1e9, FAST, s) == s.train_images
     crawl = Rates(ae_train=1, ldm_train=5, encode=10, denoise=40, decode=5, classifier_train=50, startup_s=10)
     with pytest.raises(PlanError, match="--minutes"):

@@ -92,28 +92,30 @@ def sampling_seconds(images: int, rates: Rates, steps: int) -> float:
 
 
 def cache_images(ldm_seconds: float, rates: Rates, s: Settings) -> int:
+    """Training images to encode: ``cache_share`` of stage 2's time, within [cache_min, the dataset]."""
     budget = s.cache_share * ldm_seconds * 0.8 * rates.encode
     return int(min(s.train_images, max(s.cache_min, round(budget, -3))))
 
 
-def fixed_after_stage1(rates: Rates, s: Settings, cache_train: int) -> list[Part]:
-    """The parts after stage 1 except stage 2's training budget, with their estimated seconds."""
-    parts = [
-        Part("latent cache", cache_seconds(cache_train + s.val_images, rates),
-             f"{cache_train:,} train + {s.val_images:,} val images at ~{0.8 * rates.encode:.0f} img/s"),
-        Part("sampling", rates.startup_s + 7 + sampling_seconds(s.grid_images, rates, s.sampling_steps),
-             f"grid of {s.grid_images} images, {s.sampling_steps} steps, CFG"),
-    ]
-    if s.need_classifier:
-        # + reading and resizing the dataset, and a test-set pass per epoch
-        parts.append(Part("classifier", rates.startup_s + 35 + s.classifier_epochs * s.train_images
-                          / rates.classifier_train,
-                          f"{s.classifier_epochs} epochs at {rates.classifier_train:.0f} img/s (evaluator only)"))
+def classifier_part(rates: Rates, s: Settings) -> Part:
+    # + reading and resizing the dataset, and a test-set pass per epoch
+    return Part("classifier", rates.startup_s + 35 + s.classifier_epochs * s.train_images / rates.classifier_train,
+                f"{s.classifier_epochs} epochs at {rates.classifier_train:.0f} img/s (the judge of the closing table)")
+
+
+def cache_part(cache_train: int, rates: Rates, s: Settings) -> Part:
+    return Part("latent cache", cache_seconds(cache_train + s.val_images, rates),
+                f"{cache_train:,} train + {s.val_images:,} val images at ~{0.8 * rates.encode:.0f} img/s")
+
+
+def tail_parts(rates: Rates, s: Settings) -> list[Part]:
+    """The parts after stage 2: the grid and the closing table."""
     n = 10 * s.judge_per_class
-    # + loading the pipeline and the judge, reading the reference images and their features
-    parts.append(Part("accuracy table", 25 + sampling_seconds(n, rates, s.sampling_steps),
-                      f"{n} samples ({s.judge_per_class} per class) judged by the classifier"))
-    return parts
+    return [Part("sampling", rates.startup_s + 7 + sampling_seconds(s.grid_images, rates, s.sampling_steps),
+                 f"grid of {s.grid_images} images, {s.sampling_steps} steps, CFG"),
+            # + loading the pipeline and the judge, reading the reference images and their features
+            Part("accuracy table", 25 + sampling_seconds(n, rates, s.sampling_steps),
+                 f"{n} samples ({s.judge_per_class} per class) judged by the classifier")]
 
 
 def stage_overhead(rates: Rates) -> float:
@@ -121,17 +123,18 @@ def stage_overhead(rates: Rates) -> float:
     return rates.startup_s + 13
 
 
-def stage2_seconds(left_s: float, rates: Rates, s: Settings) -> tuple[float, int, list[Part]]:
-    """Stage 2's budget, the cache size and the parts after stage 1 but stage 2, given ``left_s`` seconds before
-    the deadline once stage 1 is done. The cache size depends on the budget and the budget on the cache's
-    cost: a few rounds settle both."""
+def stage2_seconds(left_s: float, rates: Rates, s: Settings, cache_train: int | None = None) -> tuple[float, int]:
+    """Stage 2's budget and the cache size given ``left_s`` seconds before the deadline: once stage 1 is done
+    (the cache still to build: its size depends on the budget and the budget on its cost, a few rounds settle
+    both), or with ``cache_train`` once the cache is built (only the grid and the closing table remain)."""
+    tail = stage_overhead(rates) + sum(p.seconds for p in tail_parts(rates, s))
+    if cache_train is not None:
+        return left_s - s.margin_s - tail, cache_train
     cache_train = s.cache_min
     for _ in range(4):
-        parts = fixed_after_stage1(rates, s, cache_train)
-        ldm = left_s - s.margin_s - stage_overhead(rates) - sum(p.seconds for p in parts)
+        ldm = left_s - s.margin_s - tail - cache_part(cache_train, rates, s).seconds
         cache_train = cache_images(max(ldm, 0.0), rates, s)
-    parts = fixed_after_stage1(rates, s, cache_train)
-    return left_s - s.margin_s - stage_overhead(rates) - sum(p.seconds for p in parts), cache_train, parts
+    return left_s - s.margin_s - tail - cache_part(cache_train, rates, s).seconds, cache_train
 
 
 def warmup_steps(ldm_seconds: float, rates: Rates, s: Settings) -> int:
@@ -160,22 +163,25 @@ def plan_demo(rates: Rates, s: Settings, spent: dict[str, float] | None = None) 
     # + the latent statistics of the export and a last validation pass (encode and decode the validation images)
     stage1_overhead = (stage_overhead(rates) + (s.ae_stats_images + s.val_images) / rates.encode
                        + s.val_images / rates.decode)
-    # First pass: the fixed parts at the smallest cache, to size the training time to split.
-    fixed = stage_overhead(rates) + sum(p.seconds for p in fixed_after_stage1(rates, s, s.cache_min))
+    first = [classifier_part(rates, s)] if s.need_classifier else []
+    # First pass: the parts after stage 1 at the smallest cache, to size the training time to split.
+    fixed = sum(p.seconds for p in first) + stage_overhead(rates) + cache_part(s.cache_min, rates, s).seconds \
+        + sum(p.seconds for p in tail_parts(rates, s))
     train = deadline - s.margin_s - stage1_overhead - fixed
     lo, hi = s.ae_share
     ae = min(max(s.ae_target_images / rates.ae_train, lo * train), hi * train)
-    ldm, cache_train, after = stage2_seconds(deadline - stage1_overhead - ae, rates, s)
+    ldm, cache_train = stage2_seconds(deadline - sum(p.seconds for p in first) - stage1_overhead - ae, rates, s)
     if ae < 60 or ldm < 120:
         raise PlanError(f"this machine leaves {ae:.0f} s for stage 1 and {ldm:.0f} s for stage 2 within "
                         f"{s.minutes:g} minutes (measured: stage 1 {rates.ae_train:.1f} img/s, stage 2 "
                         f"{rates.ldm_train:.1f} img/s); give the demo more time with --minutes")
     plan = DemoPlan(ae_seconds=ae, ldm_seconds=ldm, cache_train_images=cache_train)
     plan.parts.extend(Part(name, seconds, "done (measured)") for name, seconds in spent.items())
+    plan.parts.extend(first)
     plan.parts.append(Part("stage 1 (ae_f8)", ae + stage1_overhead,
                            f"{ae / 60:.1f} min budget: ~{ae * rates.ae_train:,.0f} images at {rates.ae_train:.1f} "
                            "img/s (step rate), then latent statistics and export"))
-    plan.parts.append(after[0])
+    plan.parts.append(cache_part(cache_train, rates, s))
     plan.parts.append(stage2_part(ldm, rates))
-    plan.parts.extend(after[1:])
+    plan.parts.extend(tail_parts(rates, s))
     return plan
