@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ldm.evaluation.report import machine, markdown_table
 from ldm.utils.config import compose
+from ldm.utils.timing import median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,21 +41,6 @@ def write_result(name: str, title: str, body: str) -> Path:
     path = folder / f"{name}.md"
     path.write_text(f"# {title}\n\nMachine: {machine()}\n\n{body}\n")
     return path
-
-
-def median_seconds(fn, warmup: int = 2, iters: int = 5) -> float:
-    """Median wall time of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
-    import statistics
-    import time
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def interleaved_medians(fns: dict, warmup: int = 2, rounds: int = 7) -> dict:

@@ -9,9 +9,6 @@ Each rate is the median of a few timed steps after a warm-up step.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -21,18 +18,9 @@ from omegaconf import DictConfig
 
 from ldm.demo.plan import Rates
 from ldm.networks.classifier import FashionClassifier
+from ldm.utils.timing import median_seconds
 
 log = logging.getLogger(__name__)
-
-
-def _median_seconds(fn: Callable[[], object], iters: int) -> float:
-    fn()  # warm-up: allocations, oneDNN primitive creation
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _autocast(precision: str):
@@ -55,13 +43,13 @@ def _first_stage_rates(ae_cfg: DictConfig, encode_batch: int, precision: str, it
         g_loss.backward()
         opt.step()
 
-    rates = {"ae_train": len(x) / _median_seconds(step, iters)}
+    rates = {"ae_train": len(x) / median_seconds(step, warmup=1, iters=iters)}
     ae.eval()
     xb = torch.rand(encode_batch, *x.shape[1:]) * 2 - 1
     z = torch.randn(100, *ae.latent_shape())
     with torch.no_grad(), _autocast(precision):
-        rates["encode"] = len(xb) / _median_seconds(lambda: ae.moments(xb), iters)
-        rates["decode"] = len(z) / _median_seconds(lambda: ae.decode(z), iters)
+        rates["encode"] = len(xb) / median_seconds(lambda: ae.moments(xb), warmup=1, iters=iters)
+        rates["decode"] = len(z) / median_seconds(lambda: ae.decode(z), warmup=1, iters=iters)
     return rates
 
 
@@ -80,14 +68,15 @@ def _unet_rates(ldm_cfg: DictConfig, latent_hw: tuple[int, int], precision: str,
         mse.backward()
         opt.step()
 
-    rates = {"ldm_train": b / _median_seconds(step, iters)}
+    rates = {"ldm_train": b / median_seconds(step, warmup=1, iters=iters)}
     unet.eval()
     cond.eval()
     n = 200  # sampling batch 100 under CFG: the conditional and unconditional halves in one forward
     zs, ts = torch.randn(n, unet.in_channels, *latent_hw), torch.full((n,), 500)
     with torch.no_grad(), _autocast(precision):
         c = cond({"caption": ["a photo of a bag"] * n, "class_label": torch.zeros(n, dtype=torch.long)})
-        rates["denoise"] = n / _median_seconds(lambda: unet(zs, ts, context=c["context"], y=c["y"]), iters)
+        rates["denoise"] = n / median_seconds(lambda: unet(zs, ts, context=c["context"], y=c["y"]), warmup=1,
+                                              iters=iters)
     return rates
 
 
@@ -103,7 +92,7 @@ def _classifier_rate(resolution: int, iters: int, batch: int = 128) -> float:
         loss.backward()
         opt.step()
 
-    return batch / _median_seconds(step, iters)
+    return batch / median_seconds(step, warmup=1, iters=iters)
 
 
 def probe(ae_cfg: DictConfig, ldm_cfg: DictConfig, startup_s: float, iters: int = 3) -> Rates:
