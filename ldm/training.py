@@ -20,6 +20,7 @@ import ldm.utils.config  # noqa: F401  (registers the resolvers the configs use)
 from ldm.callbacks.export import FitClock
 from ldm.callbacks.progress import ProgressBar
 from ldm.utils.allocator import apply_policy
+from ldm.utils.launch import global_rank, restart_count, shared_run_name
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,31 @@ def remove_stale_temp_files(checkpoint_dir: Path) -> None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
-    """``last`` -> the newest complete checkpoint of this task's runs; a run folder -> its newest checkpoint."""
+    """``last`` -> the newest complete checkpoint of this task's runs (``auto``: the same, or a new run when there is
+    none); a run folder -> its newest checkpoint.
+
+    Without ``ckpt_path``, a job whose launcher names its run folder (``slurm-<job id>``, ``torchrun-<rdzv id>``:
+    ldm.utils.launch) resumes from that folder's newest checkpoint when it holds one: a requeued or restarted job
+    continues by itself, in the same folder."""
     if ckpt_path in (None, ""):
-        return None
-    if ckpt_path == "last":
+        if shared_run_name() is None:
+            return None
+        found = newest_checkpoint(Path(cfg.paths.output_dir))
+        if found is None:
+            return None
+        log.info("this job's run folder %s holds a checkpoint (start %d of the job): resuming from it",
+                 cfg.paths.output_dir, restart_count() + 1)
+        remove_stale_temp_files(found.parent)
+        return str(found)
+    if ckpt_path in ("last", "auto"):
         runs = Path(cfg.paths.log_dir) / cfg.task_name
         found = newest_checkpoint(runs)
+        if found is None and ckpt_path == "auto":
+            log.info("ckpt_path=auto: no checkpoint under %s yet, starting a new run", runs)
+            return None
         if found is None:
-            raise FileNotFoundError(f"ckpt_path=last: no checkpoint under {runs}; train once without ckpt_path")
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoint under {runs}; train once without ckpt_path (or "
+                                    "use ckpt_path=auto: the newest checkpoint if there is one, else a new run)")
     else:
         path = Path(ckpt_path)
         found = newest_checkpoint(path) if path.is_dir() else path
@@ -106,7 +124,19 @@ def pin_wandb_run_id(cfg: DictConfig, ckpt_path: str | None) -> None:
     with open_dict(cfg):
         node.id = run_id
         node.resume = "allow"
-    Path(cfg.paths.output_dir, WANDB_ID_FILE).write_text(run_id)
+    if global_rank() == 0:  # the other ranks' W&B loggers write nothing
+        Path(cfg.paths.output_dir, WANDB_ID_FILE).write_text(run_id)
+
+
+def keep_earlier_metrics(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """A run resumed in its own folder (a requeued job) keeps the metrics of its earlier starts: Lightning's CSV
+    logger would delete ``csv/metrics.csv`` there, so it is renamed ``csv/metrics_<n>.csv`` (n = 1, 2, ...) first."""
+    csv = Path(cfg.paths.output_dir, "csv", "metrics.csv")
+    if ckpt_path is None or global_rank() != 0 or not csv.is_file():
+        return
+    n = 1 + len(list(csv.parent.glob("metrics_*.csv")))
+    csv.rename(csv.with_name(f"metrics_{n}.csv"))
+    log.info("metrics of the run's earlier start kept as %s", csv.with_name(f"metrics_{n}.csv"))
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -138,6 +168,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_free_space(cfg.paths.output_dir, "paths.output_dir", cfg.get("min_free_mb", 200))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
     pin_wandb_run_id(cfg, ckpt_path)
+    keep_earlier_metrics(cfg, ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)
 
     datamodule = build(cfg.data)

@@ -166,14 +166,14 @@ class SampleDecoder:
             self._rng = random.Random(None if self.seed is None else self.seed * 100_003 + worker)
         return self._rng
 
-    def _image(self, raw: dict, where: str) -> torch.Tensor:
+    def _image(self, raw: dict, where: str, rng: random.Random | None = None) -> torch.Tensor:
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
             raise BadSample(f"{where}: no image (expected one of {IMAGE_KEYS}; has {sorted(raw)})")
         try:
             with Image.open(io.BytesIO(raw[image_key])) as im:
                 im.load()
-                return self.transform(im, self.rng)
+                return self.transform(im, rng or self.rng)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise BadSample(f"{where}: undecodable {image_key} ({err})") from err
 
@@ -185,9 +185,10 @@ class SampleDecoder:
         except (OSError, ValueError) as err:
             raise BadSample(f"{where}: undecodable {LATENT_KEY} ({err})") from err
 
-    def __call__(self, raw: dict) -> dict:
+    def __call__(self, raw: dict, rng: random.Random | None = None) -> dict:
+        """The example of ``raw``; ``rng`` draws its augmentations (default: this worker's stream)."""
         where = f"shard {raw.get('__url__', '?')} key {raw.get('__key__', '?')}"
-        data = self._image(raw, where) if self.kind == "image" else self._latent(raw, where)
+        data = self._image(raw, where, rng) if self.kind == "image" else self._latent(raw, where)
         caption = raw.get(self.caption_key)
         if caption is None and "caption" in self.required:
             raise BadSample(f"{where}: missing caption key '{self.caption_key}'")

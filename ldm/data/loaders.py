@@ -1,9 +1,9 @@
 """DataLoaders over webdataset shards (no Lightning here: ``ldm.stages.data`` wraps them).
 
-Training streams resampled shards (each rank and worker draws shards independently, and every
-rank sees exactly ``batches_per_epoch`` batches, so no rank starves or waits at a collective);
-validation reads every sample once, split over (rank, worker) slots (by shard, or by sample when shards
-are fewer than slots), in a fixed order.
+Training reads one global sequence per epoch split over ranks and workers (every sample of an epoch on one rank
+only, every rank exactly ``batches_per_epoch`` batches, so no rank starves or waits at a collective; ``EpochStream``),
+or resampled shards per rank (``partition=False``); validation reads every sample once, split over (rank, worker)
+slots (by shard, or by sample when shards are fewer than slots), in a fixed order.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,24 +53,118 @@ def expand_urls(spec: str | Sequence[str], name: str = "shards") -> list[str]:
     return urls
 
 
-class ResumableStream(IterableDataset):
-    """A training pipeline that a resumed run can put back where an unbroken run would be.
+def _seeded_order(n: int, *seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random("-".join(map(str, seed))).shuffle(order)
+    return order
 
-    ``set_position(epoch, done)`` (before the epoch's iteration starts) sets the epoch counters of the seeded
-    stages (shard draws, shuffle), which count iterations, and skips the ``done`` batches of that epoch once:
-    the DataLoader takes batch i from worker i mod W, so each worker skips its share.
+
+class EpochStream(IterableDataset):
+    """One rank's training batches, epoch after epoch, with every sample of an epoch read by one rank only.
+
+    All ranks and DataLoader workers see the same global sequence per epoch: the shards in an order drawn from
+    (seed, epoch), their samples in order, shuffled in blocks of ``shuffle_block`` (a permutation drawn per block),
+    continued with another shard order only when an epoch asks for more samples than the data holds. Global batch t
+    is the sequence's t-th run of ``batch_size x world`` samples; rank r takes the r-th ``batch_size`` of it, and
+    within a rank, DataLoader worker ``t mod workers`` makes it (the order in which the DataLoader takes batches
+    from its workers). So ranks read disjoint samples, no sample comes twice in an epoch while
+    ``samples_per_epoch`` is at most the data's size, and what a run has consumed is always a prefix of the global
+    sequence, whatever the world size: a resumed run starts at global batch ``start`` of its epoch, on any number
+    of ranks (:meth:`set_position`). Every slot reads every shard of the epoch (decoding only its own samples): the
+    I/O of a small data set read ``world x workers`` times; for data too large for that, ``data.partition=false``
+    draws shards independently per rank (``ResampledShards``), without the guarantees.
+
+    ``read(urls)`` turns an ordered shard list into raw samples; ``decode`` turns one into an example (raising
+    what ``handler`` counts and skips); ``collate`` makes a batch.
     """
 
-    def __init__(self, pipeline: wds.DataPipeline):
+    def __init__(self, urls: list[str], read: Callable[[list[str]], Iterable[dict]],
+                 decode: Callable[[dict, random.Random], dict],
+                 handler: Callable[[Exception], bool], *, seed: int, world: int, rank: int, batch_size: int,
+                 batches_per_epoch: int, shuffle_block: int):
+        super().__init__()
+        self.urls, self.read, self.decode, self.handler = urls, read, decode, handler
+        self.seed, self.world, self.rank, self.batch_size = seed, world, rank, batch_size
+        self.batches_per_epoch, self.shuffle_block = batches_per_epoch, shuffle_block
+        self.epoch = -1  # incremented as each epoch's iteration starts (in each worker's copy)
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """The next iteration is epoch ``epoch`` from its global batch ``start`` on (set before it begins)."""
+        self.epoch, self.start = epoch - 1, start
+
+    def sequence(self, epoch: int) -> Iterator[dict]:
+        """The epoch's global sequence of raw samples (endless: further shard orders follow the first)."""
+        for repeat in itertools.count():
+            order = [self.urls[i] for i in _seeded_order(len(self.urls), self.seed, epoch, repeat)]
+            block: list[dict] = []
+            read_any = False
+            for block_index, sample in enumerate(itertools.chain(self.read(order), [None])):
+                if sample is not None:
+                    block.append(sample)
+                    read_any = True
+                if len(block) == self.shuffle_block or (sample is None and block):
+                    yield from (block[i] for i in _seeded_order(len(block), self.seed, epoch, repeat, block_index))
+                    block = []
+            if not read_any:
+                raise RuntimeError(f"the {len(self.urls)} training shards hold no readable sample (e.g. "
+                                   f"{self.urls[0]}): no valid one to train on")
+
+    def __iter__(self) -> Iterator[dict]:
+        self.epoch += 1
+        start, self.start = self.start, 0
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        chunk = self.batch_size
+        stream = self.sequence(self.epoch)
+        # Skip (without decoding) the global batches already consumed, then walk global batch by global batch.
+        for _ in itertools.islice(stream, start * chunk * self.world):
+            pass
+        last: dict | None = None
+        for t in range(start, self.batches_per_epoch):
+            raw = list(itertools.islice(stream, chunk * self.world))
+            if (t - start) % workers != worker:
+                continue
+            mine = raw[self.rank * chunk:(self.rank + 1) * chunk]
+            examples = []
+            for i, sample in enumerate(mine):
+                # Augmentations drawn per sample from (seed, epoch, position): the same whatever the world size.
+                at = (t * self.world + self.rank) * chunk + i
+                try:
+                    examples.append(self.decode(sample, random.Random(f"{self.seed}-{self.epoch}-{at}")))
+                except Exception as err:  # noqa: BLE001 - counted and skipped as the handler says
+                    if not self.handler(err):
+                        raise
+            if examples:
+                last = collate(examples)
+            elif last is None:
+                raise RuntimeError(f"global batch {t}: none of its {len(mine)} samples on rank {self.rank} decoded")
+            # A batch whose samples all failed repeats the previous one: every rank must make every batch.
+            yield last
+
+
+class ResampledStream(IterableDataset):
+    """Shards drawn independently per rank and worker (``data.partition=false``): each slot opens only the shards
+    it draws, for data sets too large for every slot to read (:class:`EpochStream`); samples may repeat within an
+    epoch and across ranks. A resumed run skips the batches already trained on (same world size only)."""
+
+    def __init__(self, pipeline: wds.DataPipeline, batches_per_epoch: int):
         super().__init__()
         self.pipeline = pipeline
+        self.batches_per_epoch = batches_per_epoch
         self.skip = 0
 
-    def set_position(self, epoch: int, done: int) -> None:
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_position(self, epoch: int, start: int) -> None:
         for stage in self.pipeline.pipeline:
             if hasattr(stage, "epoch"):  # ResampledShards, detshuffle: incremented at the start of an iteration
                 stage.epoch = epoch - 1
-        self.skip = done
+        self.skip = start
 
     def __iter__(self):
         stream = iter(self.pipeline)
@@ -109,7 +204,9 @@ class ShardData:
     ``batch_size`` is per device. ``samples_per_epoch`` sets the length of a training epoch
     (global, over all ranks); ``prepare`` is an optional callable to run once per node before
     anything is read (e.g. writing the built-in dataset's shards). ``world`` is the number of
-    data-parallel ranks. ``first_stage`` (latent caches): the export whose latents the cache must hold,
+    data-parallel ranks. ``partition``: split each epoch's samples over the ranks (:class:`EpochStream`), or draw
+    shards independently per rank (:class:`ResampledStream`). ``first_stage`` (latent caches): the export whose
+    latents the cache must hold,
     checked against the cache's manifest by :meth:`check_source`.
     """
 
@@ -119,7 +216,8 @@ class ShardData:
                  random_crop: bool = False, hflip: bool = False, caption_key: str = "txt",
                  label_key: str = "cls", required_keys: Sequence[str] = ("image",),
                  max_consecutive_errors: int = 1000, prepare: Callable[[], object] | None = None,
-                 val_limit: int | None = None, kind: str = "image", first_stage: str | None = None):
+                 val_limit: int | None = None, kind: str = "image", first_stage: str | None = None,
+                 partition: bool = True):
         if kind not in ("image", "latent"):
             raise ValueError(f"data.kind={kind!r}: expected 'image' or 'latent'")
         for name, value, least in (("resolution", resolution, 1), ("batch_size", batch_size, 1),
@@ -128,6 +226,7 @@ class ShardData:
                                    ("val_limit", val_limit, 1)):
             require_int(f"data.{name}", value, least, optional=name in ("val_batch_size", "val_limit"))
         self.kind = kind
+        self.partition = partition
         self.first_stage = first_stage
         self.train_spec, self.val_spec = train_shards, val_shards
         self.resolution = resolution
@@ -143,7 +242,7 @@ class ShardData:
         self.train_transform = ImageTransform(resolution, random_crop=random_crop, hflip=hflip)
         self.val_transform = ImageTransform(resolution)
         self.train_counter = SkipCounter(max_consecutive_errors)
-        self._train_stream: ResumableStream | None = None
+        self._train_stream: EpochStream | ResampledStream | None = None
         self.val_counter = SkipCounter(max_consecutive_errors)
 
     def prepare(self) -> None:
@@ -176,24 +275,30 @@ class ShardData:
         batches = max(1, self.samples_per_epoch // (self.batch_size * world))
         return math.ceil(batches / max(1, self.num_workers)) * max(1, self.num_workers)
 
-    def train_dataloader(self, world: int = 1) -> DataLoader:
+    def train_dataloader(self, world: int = 1, rank: int = 0) -> DataLoader:
+        """Rank ``rank`` of ``world``'s training batches: :class:`EpochStream` (``partition``, the default) or
+        :class:`ResampledStream`. The order is seeded from torch's seed (the run's ``seed``) and the epoch."""
         urls = expand_urls(self.train_spec, "data.train_shards")
         counter = self.train_counter
-        per_worker = self.batches_per_epoch(world) // max(1, self.num_workers)
-        # Shard draws and the shuffle buffer are seeded from torch's seed (the run's `seed`), per rank, worker
-        # and epoch: the same seed gives the same data order.
+        per_epoch = self.batches_per_epoch(world)
         seed = torch.initial_seed() % 2**31
-        pipeline = (
-            wds.DataPipeline(
+        decoder = self._decoder(self.train_transform, counter, seed)
+        if self.partition:
+            def read(order: list[str]) -> Iterable[dict]:
+                return wds.DataPipeline(*self._shard_list(order, self.train_spec), tar_samples(handler=counter))
+
+            self._train_stream = EpochStream(urls, read, decoder, counter, seed=seed, world=world, rank=rank,
+                                             batch_size=self.batch_size, batches_per_epoch=per_epoch,
+                                             shuffle_block=self.shuffle_buffer)
+        else:
+            pipeline = wds.DataPipeline(
                 *self._shard_list(urls, self.train_spec, resampled=True, seed=seed),
                 tar_samples(handler=counter),
                 wds.detshuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
-                wds.map(self._decoder(self.train_transform, counter, seed), handler=counter),
+                wds.map(decoder, handler=counter),
                 wds.batched(self.batch_size, collation_fn=collate, partial=False),
-            )
-            .with_epoch(per_worker)
-        )
-        self._train_stream = ResumableStream(pipeline)
+            ).with_epoch(per_epoch // max(1, self.num_workers))
+            self._train_stream = ResampledStream(pipeline, per_epoch)
         # Its own generator for the workers' base seed: creating an iterator does not draw from the global RNG
         # (whose state a resumed run restores), so a resumed run draws the same noise as an unbroken one.
         return DataLoader(self._train_stream, batch_size=None, num_workers=self.num_workers,
@@ -201,8 +306,8 @@ class ShardData:
                           generator=torch.Generator().manual_seed(seed))
 
     def set_position(self, epoch: int, done: int) -> None:
-        """Continue the training stream at ``epoch``, past the ``done`` batches already trained on in it (a
-        resumed run): the shard draws and shuffle of that epoch, then the batches an unbroken run would see."""
+        """Continue the training stream at ``epoch``, past its first ``done`` batches per rank (a resumed run): the
+        shard order and shuffle of that epoch, then the batches an unbroken run would see."""
         if self._train_stream is not None:
             self._train_stream.set_position(epoch, done)
 

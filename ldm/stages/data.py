@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -15,11 +16,13 @@ from torch.utils.data import DataLoader
 from ldm.data.loaders import ShardData
 from ldm.utils.checks import require_int
 
+log = logging.getLogger(__name__)
+
 
 class WebDataModule(L.LightningDataModule):
     """Batches ``{image|latent, caption, class_label, key}`` from shards; arguments as :class:`ShardData`.
 
-    ``prepare`` runs in ``prepare_data`` (once per node); loaders are split over ``trainer.world_size``.
+    ``prepare`` runs in ``prepare_data`` (once, on global rank 0); loaders are split over ``trainer.world_size``.
     """
 
     def __init__(self, overfit_batches: int = 0, **kwargs: Any):
@@ -27,6 +30,10 @@ class WebDataModule(L.LightningDataModule):
         require_int("data.overfit_batches", overfit_batches, 0)
         self.overfit_batches = overfit_batches
         self.data = ShardData(**kwargs)
+        # Written on a shared file system once, by global rank 0, while the other ranks wait (not once per node).
+        self.prepare_data_per_node = False
+        self._saved: dict[str, Any] | None = None        # the data position a resumed run's checkpoint holds
+        self._start: tuple[int, int] | None = None       # (Lightning's processed batches, our position) at start
 
     @property
     def batch_size(self) -> int:
@@ -49,23 +56,67 @@ class WebDataModule(L.LightningDataModule):
     def _world(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _processed(self) -> int:
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed if trainer is not None else 0
+
     def train_dataloader(self) -> DataLoader | Iterable[dict]:
-        loader = self.data.train_dataloader(self._world())
+        loader = self.data.train_dataloader(self._world(), self._rank())
         if self.overfit_batches:
             return ReplayBatches(loader, self.overfit_batches, self.data.batches_per_epoch(self._world()))
         trainer = self.trainer
         if trainer is not None and trainer.fit_loop.restarting:
-            # A resumed run (its loops already restored): continue the stream after the batches already trained
-            # on (processed: a checkpoint written at a batch's end counts that batch as processed, not yet
-            # completed). A checkpoint written once an epoch's last batch completed, with validation on, makes
-            # Lightning first finish that epoch (its validation) with an iteration it does not consume, which the
-            # stream must not count as a data epoch. (Lightning's own epoch number may run one ahead.)
-            per_epoch = self.data.batches_per_epoch(self._world())
-            progress = trainer.fit_loop.epoch_loop.batch_progress
-            epoch, done = divmod(progress.total.processed, per_epoch)
-            empty_first = progress.current.completed >= per_epoch and trainer.enable_validation
-            self.data.set_position(epoch - 1 if empty_first else epoch, done)
+            epoch, done, unconsumed_first = self._resume_position()
+            # A checkpoint written once an epoch's last batch completed, with validation on, makes Lightning first
+            # finish that epoch (its validation) with an iteration it does not consume, which the stream must not
+            # count as a data epoch. (Lightning's own epoch number may run one ahead.)
+            self.data.set_position(epoch - unconsumed_first, done)
+            self._start = (self._processed(), epoch * self.data.batches_per_epoch(self._world()) + done)
+        elif trainer is not None and self._start is None:
+            self._start = (self._processed(), 0)
         return loader
+
+    def _resume_position(self) -> tuple[int, int, bool]:
+        """(data epoch, batches per rank already trained on in it, whether Lightning first runs an iteration it
+        does not consume) of a resumed run, at this run's world size.
+
+        The checkpoint's position counts in its own world's batches; at another world size or batch (elastic
+        resume) it is mapped through the global sample count: what was consumed is a prefix of the epoch's global
+        sequence (``EpochStream``), so the resumed run starts at the first global batch not yet fully consumed,
+        repeating less than one global batch."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        saved = self._saved or {}
+        world, batch = saved.get("world", self._world()), saved.get("batch_size", self.batch_size)
+        per_epoch = saved.get("batches_per_epoch", self.data.batches_per_epoch(world))
+        # Without a saved position (a checkpoint of an earlier version): Lightning's counters, in this world's batches.
+        epoch, done = (saved["epoch"], saved["done"]) if "epoch" in saved else divmod(progress.total.processed,
+                                                                                      per_epoch)
+        unconsumed_first = progress.current.completed >= per_epoch and self.trainer.enable_validation
+        if (world, batch) != (self._world(), self.batch_size):
+            consumed, now = done * batch * world, self.batch_size * self._world()
+            done = consumed // now
+            log.info("world size %d -> %d: global batch %d -> %d (%d per device); data: epoch %d resumes at global "
+                     "sample %d (batch %d of %d per rank, %d samples read again)", world, self._world(), batch * world,
+                     now, self.batch_size, epoch, done * now, done, self.data.batches_per_epoch(self._world()),
+                     consumed - done * now)
+        return epoch, done, unconsumed_first
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data's position, in checkpoints: data epoch, batches per rank done in it, and the world
+        size and per-device batch they count in (a resumed run maps them to its own world size)."""
+        if self._start is None or self.trainer is None:
+            return {}
+        per_epoch = self.data.batches_per_epoch(self._world())
+        processed_then, position_then = self._start
+        epoch, done = divmod(position_then + self._processed() - processed_then, per_epoch)
+        return {"epoch": epoch, "done": done, "world": self._world(), "batch_size": self.batch_size,
+                "batches_per_epoch": per_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = dict(state_dict)
 
     def val_dataloader(self) -> DataLoader | list:
         rank = self.trainer.global_rank if self.trainer is not None else 0

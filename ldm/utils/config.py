@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +119,36 @@ def run_token() -> str:
     return secrets.token_hex(3)
 
 
+@functools.cache
+def run_dir(runs: str) -> str:
+    """The run folder under ``runs``: the launcher's shared name when there is one (every rank and every restart of
+    the job agree on it), else ``<time>_<token>``. A rank > 0 without a shared name cannot know rank 0's folder:
+    its log goes to a folder of its own in the temporary directory, nothing of it into ``runs``."""
+    from ldm.utils.launch import global_rank, shared_run_name
+
+    name = shared_run_name()
+    if name is not None:
+        return f"{runs}/{name}"
+    if global_rank() > 0:
+        return f"{tempfile.gettempdir()}/ldm-rank{global_rank()}-{run_token()}"
+    return f"{runs}/{time.strftime('%Y-%m-%d_%H-%M-%S')}_{run_token()}"
+
+
+def rank_zero_only(value: Any) -> Any:
+    """``value`` on global rank 0 (as the launcher set it), None on the others."""
+    from ldm.utils.launch import global_rank
+
+    return value if global_rank() == 0 else None
+
+
+def job_name() -> str:
+    """Hydra's job name (its log file's name): the script's name, with ``_rank<N>`` on ranks > 0."""
+    from ldm.utils.launch import global_rank
+
+    name = Path(sys.argv[0]).stem or "job"
+    return name if global_rank() == 0 else f"{name}_rank{global_rank()}"
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ldm.num_workers", auto_num_workers, replace=True)
@@ -123,6 +156,9 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.per_device", per_device, replace=True)
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
     OmegaConf.register_new_resolver("ldm.run_token", run_token, replace=True)
+    OmegaConf.register_new_resolver("ldm.run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("ldm.rank_zero_only", rank_zero_only, replace=True)
+    OmegaConf.register_new_resolver("ldm.job_name", job_name, replace=True)
     OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
     OmegaConf.register_new_resolver("ldm.call", call, replace=True)
     OmegaConf.register_new_resolver("ldm.ddp_find_unused", ddp_find_unused_parameters, replace=True)
