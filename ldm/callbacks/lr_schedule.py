@@ -92,7 +92,9 @@ class LRSchedule(Callback):
             or self._timer(trainer) is not None
         if self.decay != "constant" and not has_budget:
             log.info("lr_schedule: the run has no max_steps, max_epochs or max_time; the learning rate does not decay")
-        scale = self.global_batch(trainer) if self.scale_lr else 1
+        has_batch = trainer.datamodule is not None and getattr(trainer.datamodule, "batch_size", None) is not None
+        global_batch = self.global_batch(trainer) if self.scale_lr or has_batch else None
+        scale = global_batch if self.scale_lr else 1
         for k, optimizer in enumerate(trainer.optimizers):
             for group in optimizer.param_groups:
                 if "base_lr" not in group:  # a resumed run keeps the base from its checkpointed optimiser state
@@ -100,6 +102,19 @@ class LRSchedule(Callback):
                     if scale != 1:
                         log.info("scale_lr: optimiser %d lr = %.3g x %d = %.3g", k, group["lr"], scale,
                                  group["base_lr"])
+                elif global_batch is not None and group.get("global_batch", global_batch) != global_batch:
+                    self._rescale(k, group, group["global_batch"], global_batch)
+                group["global_batch"] = global_batch
+
+    def _rescale(self, k: int, group: dict, old: int, new: int) -> None:
+        """A run resumed at another global batch (world size, accumulation): the rule ``scale_lr`` names."""
+        if self.scale_lr:
+            before, group["base_lr"] = group["base_lr"], group["base_lr"] * new / old
+            log.info("global batch %d -> %d: optimiser %d base lr %.3g -> %.3g (scale_lr: lr x global batch)", old,
+                     new, k, before, group["base_lr"])
+        else:
+            log.info("global batch %d -> %d: optimiser %d base lr %.3g as configured (scale_lr=false)", old, new, k,
+                     group["base_lr"])
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         timer = self._timer(trainer)

@@ -97,11 +97,17 @@ class WebDataModule(L.LightningDataModule):
         unconsumed_first = progress.current.completed >= per_epoch and self.trainer.enable_validation
         if (world, batch) != (self._world(), self.batch_size):
             consumed, now = done * batch * world, self.batch_size * self._world()
-            done = consumed // now
+            mapped = consumed // now
+            # Lightning's count of this epoch's batches (restored in the old world's batches) says when the epoch
+            # ends: it must count the new world's, or a larger world would end the epoch early. Shifted as a whole,
+            # so that the counters keep the relation Lightning restores them with.
+            for counter in ("ready", "started", "processed", "completed"):
+                setattr(progress.current, counter, getattr(progress.current, counter) + mapped - done)
+            done = mapped
             log.info("world size %d -> %d: global batch %d -> %d (%d per device); data: epoch %d resumes at global "
                      "sample %d (batch %d of %d per rank, %d samples read again)", world, self._world(), batch * world,
-                     now, self.batch_size, epoch, done * now, done, self.data.batches_per_epoch(self._world()),
-                     consumed - done * now)
+                     now, self.batch_size, epoch, mapped * now, mapped, self.data.batches_per_epoch(self._world()),
+                     consumed - mapped * now)
         return epoch, done, unconsumed_first
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,11 +140,10 @@ def rank_zero_only(value: Any) -> Any:
     return value if global_rank() == 0 else None
 
 
-def job_name() -> str:
-    """Hydra's job name (its log file's name): the script's name, with ``_rank<N>`` on ranks > 0."""
+def job_name(name: str) -> str:
+    """Hydra's job name (its log file's name): ``name``, with ``_rank<N>`` on ranks > 0."""
     from ldm.utils.launch import global_rank
 
-    name = Path(sys.argv[0]).stem or "job"
     return name if global_rank() == 0 else f"{name}_rank{global_rank()}"
 
 
@@ -155,8 +153,10 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.compile", auto_compile, replace=True)
     OmegaConf.register_new_resolver("ldm.per_device", per_device, replace=True)
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
-    OmegaConf.register_new_resolver("ldm.run_token", run_token, replace=True)
-    OmegaConf.register_new_resolver("ldm.run_dir", run_dir, replace=True)
+    # Cached in the config (and so in the job configs a sweep launcher pickles): every job of a sweep resolves the
+    # launching process's token and folder, not one of its own.
+    OmegaConf.register_new_resolver("ldm.run_token", run_token, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("ldm.run_dir", run_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ldm.rank_zero_only", rank_zero_only, replace=True)
     OmegaConf.register_new_resolver("ldm.job_name", job_name, replace=True)
     OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
