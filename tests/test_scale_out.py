@@ -109,9 +109,10 @@ def cpu_overrides(overrides: list[str]) -> list[str]:
         "trainer.accelerator=cpu", "trainer.precision=32-true"]
 
 
-def ldm_cli(tmp_path: Path, data_dir: Path, export_dir: Path, *extra: str) -> list[str]:
+def ldm_cli(tmp_path: Path, data_dir: Path, export_dir: Path, *extra: str, images: bool = False) -> list[str]:
+    """A tiny stage-2 run (its export in ``tmp_path``: the shared first stages' folder stays as it is)."""
     return cpu_overrides(ldm_overrides(tmp_path, data_dir, export_dir)) + [
-        f"data.samples_per_epoch={TINY_LIMIT}", "callbacks.image_logger=null",
+        f"data.samples_per_epoch={TINY_LIMIT}", *([] if images else ["callbacks.image_logger=null"]),
         f"callbacks.export_pipeline.dirpath={tmp_path}/exports/ldm_f8", *extra]
 
 
@@ -202,10 +203,21 @@ def test_every_documented_recipe_is_run_by_a_test():
 
 @pytest.mark.slow
 def test_torchrun_across_two_nodes_as_documented(tmp_path, data_dir, export_dir):
-    """Stage 2 on 2 torchrun "nodes" x 1 process: one run folder that rank 0 alone fills, disjoint data, an export,
-    metrics logged once."""
+    """Stage 2 on 2 torchrun "nodes" x 1 process, with FID every 3 steps, a validation image grid and the export at
+    the end: one run folder that rank 0 alone fills, disjoint data, metrics logged once, no rank left waiting."""
+    from ldm.checkpoints import export_folder
+    from ldm.networks.classifier import FashionClassifier
+
+    classifier = tmp_path / "classifier"
+    export_folder(classifier, FashionClassifier().eval(), "classifier",
+                  {"_target_": "ldm.networks.classifier.FashionClassifier"}, {})
     port = free_port()
-    args = ldm_cli(tmp_path, data_dir, export_dir, "trainer.max_steps=6", KEYS, f"+callbacks.keys.out={tmp_path}/keys")
+    args = ldm_cli(tmp_path, data_dir, export_dir, "trainer.max_steps=6", "data.samples_per_epoch=48",
+                   "callbacks=latent_diffusion_eval", "callbacks.clip_score=null",
+                   f"callbacks.fid.weights={classifier}", "callbacks.sample_eval.num_samples=6",
+                   "callbacks.sample_eval.every_n_steps=3",
+                   "callbacks.sample_eval.steps=2", f"callbacks.export_pipeline.dirpath={tmp_path}/exports/ldm_f8",
+                   KEYS, f"+callbacks.keys.out={tmp_path}/keys", images=True)
     procs = [shell(doc_command("torchrun"), args, base_env(GPUS="1", NODE_RANK=str(n), MASTER_ADDR="127.0.0.1",
                                                            MASTER_PORT=str(port), RUN_ID="t1"))
              for n in (0, 1)]
@@ -214,7 +226,9 @@ def test_torchrun_across_two_nodes_as_documented(tmp_path, data_dir, export_dir)
     runs = tmp_path / "logs" / "ldm_f8" / "runs"
     assert [p.name for p in runs.iterdir()] == ["torchrun-t1"]
     run = runs / "torchrun-t1"
-    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "csv", "train.log", "train_rank1.log"]
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "csv", "images", "train.log",
+                                                     "train_rank1.log"]
+    assert list((run / "images").glob("val_samples_step*.png"))
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 6
     records = read_keys(tmp_path / "keys")
     assert sorted(r["rank"] for r in records) == [0, 1] and {r["world"] for r in records} == {2}
@@ -223,8 +237,13 @@ def test_torchrun_across_two_nodes_as_documented(tmp_path, data_dir, export_dir)
     assert len(k0) == len(k1) == 6 * 4 and not set(k0) & set(k1) and len(set(k0 + k1)) == 48
     rows = (run / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    loss_steps = [r.split(",")[header.index("step")] for r in rows[1:] if r.split(",")[header.index("train/loss")]]
+
+    def steps_of(key: str) -> list[str]:
+        return [r.split(",")[header.index("step")] for r in rows[1:] if r.split(",")[header.index(key)]]
+
+    loss_steps = steps_of("train/loss")
     assert loss_steps and len(loss_steps) == len(set(loss_steps))  # once per step, not once per rank
+    assert steps_of("eval/fid_classifier") == ["3", "6"]
     meta = (tmp_path / "exports" / "ldm_f8" / "config.yaml").read_text()
     assert "world_size: 2" in meta
 
