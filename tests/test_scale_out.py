@@ -477,3 +477,51 @@ class StallOnSignal(L.Callback):
         stop = next(c for c in trainer.callbacks if isinstance(c, Preemption))
         while stop.received is not None:
             time.sleep(0.1)
+
+
+class SignalAt(L.Callback):
+    """Test instrument: sends ``signal`` to this very process as training batch ``batch`` starts."""
+
+    def __init__(self, batch: int, signal: str = "SIGTERM"):
+        self.batch, self.signal = batch, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.batch:
+            os.kill(os.getpid(), signal.Signals[self.signal])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_a_signal_resumes_as_the_unbroken_run(make_ldm_cfg, tmp_path):
+    """A real SIGTERM to the training process at batch 5: the checkpoint it leaves, resumed to step 10, equals the
+    unbroken run at step 10 (raw and EMA weights, EMA count, optimiser state, learning rate)."""
+    from ldm.callbacks.preemption import Preempted, Preemption
+    from ldm.training import train
+
+    common = ["trainer.max_steps=10", "data.samples_per_epoch=16", "data.shuffle_buffer=48",
+              "callbacks.export_pipeline=null", "callbacks.image_logger=null", "data.val_limit=8",
+              "model.conditioner.embedders.0.ucg_rate=0.3", "callbacks.model_checkpoint.every_n_train_steps=10"]
+
+    def last(name: str) -> dict:
+        return torch.load(f"{tmp_path}/{name}/checkpoints/last.ckpt", weights_only=True)
+
+    train(make_ldm_cfg("ldm_f8", f"paths.output_dir={tmp_path}/unbroken", *common))
+    with pytest.raises(Preempted) as stop:
+        train(make_ldm_cfg("ldm_f8", f"paths.output_dir={tmp_path}/signalled", *common,
+                           "+callbacks.kill._target_=tests.test_scale_out.SignalAt", "+callbacks.kill.batch=4"))
+    stop.value.disarm()
+    assert stop.value.step == 5 and stop.value.exit_code == 143 and last("signalled")["global_step"] == 5
+    # The run's handler is gone with the run: a later SIGTERM is this process's business again.
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), Preemption)
+    train(make_ldm_cfg("ldm_f8", f"paths.output_dir={tmp_path}/resumed", *common,
+                       f"ckpt_path={tmp_path}/signalled/checkpoints/last.ckpt"))
+    unbroken, resumed = last("unbroken"), last("resumed")
+    assert resumed["global_step"] == unbroken["global_step"] == 10
+    for key in ("current_model_state", "state_dict"):
+        for name, value in unbroken[key].items():
+            torch.testing.assert_close(resumed[key][name], value, msg=f"{key} {name}")
+    assert int(resumed["averaging_state"]["n_averaged"]) == int(unbroken["averaging_state"]["n_averaged"])
+    (opt_a,), (opt_b,) = unbroken["optimizer_states"], resumed["optimizer_states"]
+    for idx, state in opt_a["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(opt_b["state"][idx][name], value, msg=f"optimiser {idx} {name}")
+    assert opt_b["param_groups"][0]["lr"] == pytest.approx(opt_a["param_groups"][0]["lr"])

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from ldm.utils.launch import launched_by_slurm, slurm_job_id
 
@@ -36,10 +36,14 @@ STOP, REQUEUE = 1, 2  # what a rank asks for; the max over ranks wins
 
 
 class Preempted(Exception):
-    """Training was stopped by ``signum`` after writing ``checkpoint`` (``requeued``: the SLURM job was requeued)."""
+    """Training was stopped by ``signum`` after writing ``checkpoint`` (``requeued``: the SLURM job was requeued).
 
-    def __init__(self, signum: int, checkpoint: Path, step: int, requeued: bool, rank: int):
+    ``disarm()`` stops the watchdog, for a caller that goes on in this process after catching it."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int, requeued: bool, rank: int,
+                 disarm: Callable[[], None] = lambda: None):
         self.signum, self.checkpoint, self.step, self.requeued, self.rank = signum, checkpoint, step, requeued, rank
+        self.disarm = disarm
         super().__init__(self.line())
 
     @property
@@ -53,8 +57,11 @@ class Preempted(Exception):
         return f"stopped by {name} at step {self.step}: checkpoint {self.checkpoint}; {then}"
 
 
-class Preemption(L.Callback):
+class Preemption(Checkpoint):
     """Turns ``signals`` into a checkpoint and a non-zero exit; ``requeue_signals`` also requeue a SLURM job.
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint`, so Lightning runs its batch-end hook after every other
+    callback's (the EMA has taken the batch in when the checkpoint is written), as it does ModelCheckpoint's.
 
     Args:
         timeout_s: at most this long from the signal to the process's exit (then the watchdog ends it).
@@ -79,6 +86,7 @@ class Preemption(L.Callback):
         self._sent: torch.Tensor | None = None
         self._work: Any = None
         self._checkpoint_written = False
+        self._disarmed = threading.Event()
 
     # -- signals ---------------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -102,7 +110,8 @@ class Preemption(L.Callback):
         threading.Thread(target=self._watchdog, args=(signum,), daemon=True, name="preemption-watchdog").start()
 
     def _watchdog(self, signum: int) -> None:
-        time.sleep(self.timeout_s)
+        if self._disarmed.wait(self.timeout_s):
+            return
         if self._checkpoint_written:
             sys.stderr.write(f"{signal.Signals(signum).name}: checkpoint written; exiting\n")
         else:
@@ -154,7 +163,7 @@ class Preemption(L.Callback):
         self._checkpoint_written = True
         requeued = action == REQUEUE and self._requeue(trainer)
         log.warning("%s: checkpoint %s written at step %d", signal.Signals(signum).name, path, trainer.global_step)
-        raise Preempted(signum, path, trainer.global_step, requeued, trainer.global_rank)
+        raise Preempted(signum, path, trainer.global_step, requeued, trainer.global_rank, self._disarmed.set)
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:
