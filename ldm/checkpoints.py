@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
@@ -124,6 +125,24 @@ def instantiate_trusted(node: dict, source: str | Path) -> Any:
     return instantiate(node)
 
 
+def load_config_file(path: Path) -> dict[str, Any]:
+    """An export's ``config.yaml`` as a dict; one that is not valid YAML (or not a mapping) is a ``ValueError``
+    naming the file, the line and what to do."""
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}{where}: not valid YAML ({problem}). train.py writes this file with the export: undo "
+                         "the edit there, or export the model again from its run's checkpoint (python train.py "
+                         "<its overrides> ckpt_path=<its run folder>)") from err
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: holds a {type(cfg).__name__}, not the export's mapping (kind, model, ...): restore "
+                         "it, or export the model again from its run's checkpoint")
+    return cfg
+
+
 def read_export_config(path: str | Path, kind: str, make_hint: str = "") -> tuple[Path, dict[str, Any]]:
     """Validate an export folder (or its ``model.safetensors``) and return (folder, config)."""
     path = Path(path)
@@ -131,7 +150,7 @@ def read_export_config(path: str | Path, kind: str, make_hint: str = "") -> tupl
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         hint = f" Make it with: {make_hint}" if make_hint else ""
         raise FileNotFoundError(f"no exported {kind} at {folder} (expected {WEIGHTS} and {CONFIG}).{hint}")
-    cfg = OmegaConf.to_container(OmegaConf.load(folder / CONFIG), resolve=True)
+    cfg = load_config_file(folder / CONFIG)
     found = cfg.get("kind")
     if found != kind:
         raise ValueError(f"{folder} holds a '{found}' export, not a '{kind}'")
@@ -272,3 +291,33 @@ class UNetAndConditioner(nn.Module):
     def __init__(self, unet: nn.Module, conditioner: nn.Module):
         super().__init__()
         self.unet, self.conditioner = unet, conditioner
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def checkpoint_mismatch(ckpt_path: str | Path, model: nn.Module, run_config: dict | None) -> str:
+    """Why the Lightning checkpoint at ``ckpt_path`` does not load into ``model``, in one line: the first tensors
+    whose shapes differ (or that one side lacks), the model settings its run config (``ldm_config``) has otherwise,
+    and the way to start from its weights in another architecture (``model.init_from``)."""
+    ckpt = load_pickle_safely(ckpt_path)
+    theirs, ours = ckpt.get("state_dict", {}), model.state_dict()
+    shapes = [f"{k} {list(theirs[k].shape)} there, {list(v.shape)} here" for k, v in ours.items()
+              if k in theirs and theirs[k].shape != v.shape]
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    parts = shapes[:2] + [f"{k} only here" for k in missing[:1]] + [f"{k} only there" for k in unexpected[:1]]
+    more = len(shapes) + len(missing) + len(unexpected) - len(parts)
+    before = _flatten((ckpt.get("ldm_config") or {}).get("model") or {}, "model.")
+    now = _flatten((run_config or {}).get("model") or {}, "model.")
+    changed = [f"{k}={before.get(k)} there, {now.get(k)} here" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    settings = (f"; its run config differs in {', '.join(changed[:4])}" + (f" (+{len(changed) - 4} more)"
+                if len(changed) > 4 else "")) if changed else ""
+    return (f"ckpt_path={ckpt_path}: the checkpoint does not fit this model: {'; '.join(parts)}"
+            f"{f' (+{more} more tensors)' if more > 0 else ''}{settings}. Resume with the checkpoint's settings, or "
+            f"start a new run from its weights in this architecture with model.init_from={ckpt_path} (it loads "
+            "what matches)")

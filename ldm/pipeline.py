@@ -233,6 +233,9 @@ class LatentDiffusionPipeline:
             negatives = [negative_prompt] * base if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) != base:
                 raise ValueError(f"{len(negatives)} negative prompts for {base} prompts")
+        for embedder in self.conditioner.embedders:  # each call with a prompt the text tower truncates says so
+            if hasattr(embedder, "warn_truncated"):
+                embedder.warn_truncated([*(prompts or []), *(negatives or [])])
         per = num_images or 1
         expand = (lambda xs: [x for x in xs for _ in range(per)] if xs is not None else None)
         return _Request(expand(prompts), expand(labels), expand(negatives), base * per)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import ldm.utils.config  # noqa: F401  (registers the resolvers the configs use)
 from ldm.callbacks.export import FitClock
 from ldm.callbacks.progress import ProgressBar
+from ldm.checkpoints import checkpoint_mismatch
 from ldm.utils.allocator import apply_policy
 from ldm.utils.launch import global_rank, restart_count, shared_run_name
 
@@ -195,6 +196,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
              trainer.num_devices, cfg.paths.output_dir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except RuntimeError as err:
+        if ckpt_path is not None and "Error(s) in loading state_dict" in str(err):
+            raise ValueError(checkpoint_mismatch(ckpt_path, model, run_config)) from err
+        raise
     finally:
         # Close W&B runs now (flushing an offline run folder completely), not at interpreter exit, so a
         # later run in this process (a sweep, a resume) starts its own.

@@ -3,6 +3,7 @@ traceback, and leave no empty run folder behind."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,36 @@ def test_sample_py_help_describes_its_keys():
     for key in ("experiment=ldm_f8", "class_labels=", "sampler=dpmpp_2m", "cfg_scale=", "mask=PATH", "Examples:"):
         assert key in res.stdout, key
     assert "Configuration groups" not in res.stdout
+
+
+def test_resuming_into_another_architecture_is_one_line_naming_tensors_settings_and_init_from(make_cfg, tmp_path,
+                                                                                               data_dir):
+    from ldm.training import train
+    from tests.conftest import tiny_overrides
+
+    train(make_cfg("ae_f8", "trainer.max_steps=2", "callbacks.export_first_stage=null"))
+    run = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(tmp_path, data_dir) if not o.startswith("paths.output_dir")]
+    res = _run("train.py", tmp_path, "experiment=ae_f8", *overrides, "callbacks.export_first_stage=null",
+               "trainer.max_steps=4", f"ckpt_path={run}", "model.autoencoder.ch=16")
+    line = _one_line_error(res, "does not fit this model", "autoencoder.encoder.conv_in.weight [8, 3, 3, 3] there, "
+                           "[16, 3, 3, 3] here", "model.autoencoder.ch=8 there, 16 here",
+                           f"model.init_from={run}/checkpoints/last.ckpt")
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) - lines.index(line) <= 4, lines  # the error and what follows it: at most 4 lines
+
+
+def test_an_export_whose_config_is_not_yaml_is_one_line_naming_file_and_line(export_dir, tmp_path):
+    import shutil
+
+    export = tmp_path / "broken_export"
+    shutil.copytree(export_dir / "ae_f8", export)
+    config = export / "config.yaml"
+    lines = config.read_text().splitlines()
+    lines.insert(2, "model: [unclosed")
+    config.write_text("\n".join(lines) + "\n")
+    res = _run("sample.py", tmp_path, f"model_path={export}", "steps=1")
+    line = _one_line_error(res, f"{config}, line ", "not valid YAML", "export the model again")
+    assert re.search(r", line [34] column \d+:", line), line  # the broken line, or where YAML noticed it
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) - lines.index(line) <= 4, lines

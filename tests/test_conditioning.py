@@ -1,5 +1,7 @@
 """Embedders and the Conditioner: dropout rate, null conditions, OpenCLIP text towers and their weights."""
 
+import logging
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -156,3 +158,14 @@ def test_trainable_tower_encodes_repeated_captions_once_with_the_same_gradients(
 def test_ucg_rate_outside_0_1_is_refused_with_its_key(rate):
     with pytest.raises(ValueError, match=rf"model\.conditioner\.embedders\.1\.ucg_rate={rate}: expected a probability"):
         Conditioner([ClassEmbedder(10, 8, output="context"), ClassEmbedder(10, 8, ucg_rate=rate)])
+
+
+def test_a_caption_longer_than_the_context_warns_once_naming_the_limit(caplog):
+    text = OpenCLIPTextEmbedder(TINY_TEXT, frozen=False, layer="last")
+    long = "a photo of a very long sneaker with white laces and a thick sole"
+    assert text.truncated(["a photo of a bag", long]) == [long]
+    with caplog.at_level(logging.WARNING, logger="ldm.conditioning.text"):
+        text.tokenize(["a photo of a bag", long, long])
+        text.tokenize([long])  # seen: training does not repeat it every step
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1 and "context of 8 tokens" in warnings[0] and "1 prompt(s)" in warnings[0]

@@ -1,6 +1,7 @@
 """Stage 2 end to end on tiny configs: every ldm experiment, export, sampling CLI, img2img, inpainting."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -333,3 +334,16 @@ def test_inpainting_mask_of_another_size_is_refused_and_init_image_errors_name_t
         pipe(prompt="a photo of a bag", steps=2, init_image=tmp_path / "bad.png")
     Image.new("RGB", (48, 48), "white").save(tmp_path / "big.png")  # another size: resized (and logged)
     assert len(pipe(prompt="a photo of a bag", steps=2, init_image=tmp_path / "big.png", strength=0.5)) == 1
+
+
+def test_a_prompt_longer_than_the_text_context_warns_on_every_pipeline_call(make_ldm_cfg, caplog):
+    from ldm.training import build
+
+    pipe = build(make_ldm_cfg("ldm_f8").model).pipeline()
+    long = "a photo of a very long sneaker with white laces and a thick sole"
+    with caplog.at_level(logging.WARNING, logger="ldm.conditioning.text"):
+        for _ in range(2):
+            pipe(prompt=long, negative_prompt="a photo of a bag", steps=1, output_type="tensor")
+        pipe(prompt="a photo of a bag", steps=1, output_type="tensor")
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 2 and all("context of 8 tokens" in w for w in warnings), warnings

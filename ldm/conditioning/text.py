@@ -11,6 +11,7 @@ Tokenisation is open_clip's own BPE tokenizer, which ships with the package.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from ldm.checkpoints import read_state_dict
 
+log = logging.getLogger(__name__)
 LAYERS = ("last", "penultimate")
 
 
@@ -71,6 +73,7 @@ class OpenCLIPTextEmbedder(nn.Module):
         self.context_length = self.text.context_length
         self._tokens: dict[str, torch.Tensor] = {}
         self._features: dict[str, torch.Tensor] = {}
+        self._warned: set[str] = set()  # captions already reported as truncated
         if frozen:
             self.requires_grad_(False)
             self.text.eval()
@@ -119,12 +122,30 @@ class OpenCLIPTextEmbedder(nn.Module):
         return super().train(mode and not self.frozen)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """Token ids (B, context_length); each distinct caption is tokenised once and cached."""
+        """Token ids (B, context_length); each distinct caption is tokenised once and cached. Captions longer than
+        the context are truncated to it, with a warning the first time each is seen (:meth:`warn_truncated`)."""
         missing = [c for c in dict.fromkeys(captions) if c not in self._tokens]
         if missing:
+            self.warn_truncated(missing, every_call=False)
             for caption, ids in zip(missing, self.tokenizer(missing), strict=True):
                 self._tokens[caption] = ids
         return torch.stack([self._tokens[c] for c in captions])
+
+    def truncated(self, captions: list[str]) -> list[str]:
+        """The captions whose tokens (with start and end tokens) do not fit the context."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:  # a tokenizer without a plain encode (not open_clip's BPE): nothing to say
+            return []
+        return [c for c in dict.fromkeys(captions) if len(encode(c)) + 2 > self.context_length]
+
+    def warn_truncated(self, captions: list[str], every_call: bool = True) -> None:
+        """One warning naming the context limit when some of ``captions`` are truncated to it. ``every_call``
+        (the pipeline: each call with a long prompt says so) or, in training, once per caption."""
+        long = [c for c in self.truncated(captions) if every_call or c not in self._warned]
+        if long:
+            self._warned.update(long)
+            log.warning("%d prompt(s) longer than the text encoder's context of %d tokens were truncated to it (the "
+                        "end is ignored), e.g. %r", len(long), self.context_length, long[0][:120])
 
     def drop(self, captions: list[str], mask: list[bool]) -> list[str]:
         """Replace the captions where ``mask`` is True by the empty caption."""
