@@ -185,3 +185,96 @@ def test_the_guard_keeps_its_counts_when_the_checked_parts_change():
     guard.step(opt, {"rec_loss": torch.tensor(1.0), "g_loss": torch.tensor(float("inf"))}, [("autoencoder", [p])])
     guard.step(opt, {"rec_loss": torch.tensor(1.0), "g_loss": torch.tensor(1.0)}, [("autoencoder", [p])])
     assert guard.read(12) == 1 and guard.skipped == 2  # the new part added to the counts, nothing reset
+
+
+def _on_fake_cuda(module: torch.nn.Module, mode) -> torch.nn.Module:
+    """``module``'s parameters and buffers as fake tensors on a fake ``cuda`` device (no GPU needed)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                with mode:
+                    m._parameters[name] = torch.nn.Parameter(mode.from_tensor(p.detach()).to("cuda"),
+                                                             requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                with mode:
+                    m._buffers[name] = mode.from_tensor(b).to("cuda")
+        if hasattr(m, "_device"):  # Lightning's device bookkeeping
+            m._device = torch.device("cuda", 0)
+    return module
+
+
+def _copies_per_batch(module, step, batch: dict, batches: int = 3) -> list[list[str]]:
+    """Blocking host-to-device copies in each of ``batches`` runs of ``step(batch)``, everything on fake CUDA
+    (the batch already transferred, as Lightning does before the step)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ldm.utils.dispatch_count import HostCopyCounter
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _on_fake_cuda(module, mode)
+    with mode:
+        batch = {k: mode.from_tensor(v).to("cuda") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out = []
+    for _ in range(batches):
+        with mode, HostCopyCounter(record_where=True) as counter:
+            step(batch)
+        out.append(counter.copies)
+    return out
+
+
+class _NotLogging:
+    """The trainer as a training step sees it on a non-logging batch."""
+
+    log_every_n_steps, should_stop = 50, False
+
+    class fit_loop:  # noqa: N801 - mirrors trainer.fit_loop.epoch_loop
+        class epoch_loop:  # noqa: N801
+            _batches_that_stepped = 0
+
+
+def test_stage_two_step_copies_nothing_from_the_host_on_cuda(make_ldm_cfg):
+    """Forward and loss of a training step (conditioning, latents, noise, timesteps, schedule, weighting) on a
+    fake CUDA device: after the first batch (new captions tokenised once) no blocking copy from the host."""
+    from ldm.training import build
+
+    stage = build(make_ldm_cfg("ldm_f8").model)
+    stage.train()
+    stage.log = lambda *args, **kwargs: None
+    stage._trainer = _NotLogging()
+    batch = {"latent": torch.randn(4, 8, 4, 4), "caption": ["a photo of a bag", "a photo of a coat"] * 2,
+             "class_label": torch.tensor([8, 4, 8, 4]), "key": ["a", "b", "c", "d"]}
+    copies = _copies_per_batch(stage, lambda b: stage.training_step(b, 0), batch)
+    assert copies[1:] == [[], []], copies
+
+
+def test_stage_one_forward_and_losses_copy_nothing_from_the_host_on_cuda(make_cfg):
+    """The autoencoder's forward, generator loss (with the GAN term) and discriminator loss on fake CUDA."""
+    from ldm.training import build
+
+    stage = build(make_cfg("ae_f8", "model.loss.disc_start=0").model)
+    stage.train()
+
+    def step(batch):
+        xrec, posterior = stage.autoencoder(batch["image"])
+        with torch.no_grad():  # the adaptive weight's autograd.grad needs a real CUDA context
+            stage.loss.generator_loss(batch["image"], xrec, posterior, 1)
+        stage.loss.discriminator_loss(batch["image"], xrec)
+
+    copies = _copies_per_batch(stage, step, {"image": torch.rand(2, 3, 32, 32) * 2 - 1})
+    assert copies == [[], [], []], copies
+
+
+def test_the_copy_counter_sees_a_pageable_copy_and_not_a_pinned_async_one():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ldm.utils.dispatch_count import HostCopyCounter
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, HostCopyCounter() as counter:
+        x = torch.zeros(3, device="cuda")
+        x + torch.ones(3).to("cuda")  # counted
+        x + torch.ones(3).to("cuda", non_blocking=True)  # asynchronous: not counted
+        x * torch.tensor(2.0)  # a CPU scalar operand: no copy
+        x.copy_(torch.ones(3))  # counted
+    assert len(counter.copies) == 2, counter.copies

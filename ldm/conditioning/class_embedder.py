@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.utils.transfer import to_device
+
 
 class ClassEmbedder(nn.Module):
     """``num_classes`` labels plus a null label (index ``num_classes``) -> ``embed_dim`` vectors.
@@ -30,7 +32,7 @@ class ClassEmbedder(nn.Module):
     def drop(self, labels: torch.Tensor, mask: list[bool]) -> torch.Tensor:
         """Replace the labels where ``mask`` is True by the null label."""
         labels = torch.as_tensor(labels)
-        keep_out = torch.tensor(mask, dtype=torch.bool).to(labels.device, non_blocking=True)
+        keep_out = to_device(torch.tensor(mask, dtype=torch.bool), labels.device)
         return torch.where(keep_out, torch.full_like(labels, self.null_label), labels)
 
     def null_input(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoints import read_state_dict
+from ldm.utils.transfer import to_device
 
 log = logging.getLogger(__name__)
 LAYERS = ("last", "penultimate")
@@ -127,8 +128,9 @@ class OpenCLIPTextEmbedder(nn.Module):
         missing = [c for c in dict.fromkeys(captions) if c not in self._tokens]
         if missing:
             self.warn_truncated(missing, every_call=False)
-            for caption, ids in zip(missing, self.tokenizer(missing), strict=True):
-                self._tokens[caption] = ids
+            # Kept on the tower's device: a step whose captions were all seen before copies nothing from the host.
+            ids = to_device(self.tokenizer(missing), self.text.token_embedding.weight.device)
+            self._tokens.update(zip(missing, ids, strict=True))
         return torch.stack([self._tokens[c] for c in captions])
 
     def truncated(self, captions: list[str]) -> list[str]:
@@ -156,7 +158,7 @@ class OpenCLIPTextEmbedder(nn.Module):
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         """Token features of the text tower, no caching."""
-        tokens = self.tokenize(list(captions)).to(self.text.token_embedding.weight.device)
+        tokens = self.tokenize(list(captions))
         x, attn_mask = self.text._embeds(tokens)
         blocks = self.text.transformer.resblocks
         depth = len(blocks) - (1 if self.layer == "penultimate" else 0)
@@ -176,7 +178,7 @@ class OpenCLIPTextEmbedder(nn.Module):
                 return self.encode(captions)
             position = {c: i for i, c in enumerate(unique)}
             features = self.encode(unique)
-            return features[torch.tensor([position[c] for c in captions], device=features.device)]
+            return features[to_device(torch.tensor([position[c] for c in captions]), features.device)]
         device = self.text.token_embedding.weight.device
         missing = [c for c in dict.fromkeys(captions) if c not in self._features]
         if missing:
@@ -196,4 +198,5 @@ class OpenCLIPTextEmbedder(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._features.clear()  # moved or cast: recompute on the new device / dtype
+        self._tokens.clear()
         return super()._apply(fn, recurse)

@@ -69,7 +69,7 @@ def karras_levels(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> Nois
     schedule's extreme noise levels; each s_i's network timestep is interpolated in log s and rounded."""
     if steps < 1:
         raise ValueError(f"steps={steps}: expected >= 1")
-    abar = schedule.alphas_cumprod.clone()
+    abar = schedule.alphas_cumprod.cpu().clone()  # host arithmetic: one copy, not a read per level
     abar[-1] = max(float(abar[-1]), TERMINAL_ABAR)
     log_s = (((1 - abar) / abar).sqrt()).log().numpy()
     s_min, s_max = float(np.exp(log_s[0])), float(np.exp(log_s[-1]))
@@ -84,4 +84,5 @@ def make_levels(schedule: NoiseSchedule, steps: int, spacing: str = "trailing") 
     if spacing == "karras":
         return karras_levels(schedule, steps)
     ts = make_timesteps(schedule.num_timesteps, steps, spacing).tolist()
-    return NoiseLevels(tuple(ts), tuple(float(schedule.alphas_cumprod[t]) for t in ts) + (1.0,))
+    abar = schedule.alphas_cumprod.cpu()  # host arithmetic: one copy, not a read per level
+    return NoiseLevels(tuple(ts), tuple(float(abar[t]) for t in ts) + (1.0,))

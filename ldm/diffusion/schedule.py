@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 
@@ -42,8 +43,12 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-class NoiseSchedule:
-    """Holds ``alphas_cumprod`` (float64 on CPU; cast per use) and the forward process.
+class NoiseSchedule(nn.Module):
+    """Holds ``alphas_cumprod`` and the forward process.
+
+    The tables are float64 buffers (not saved in checkpoints: the config rebuilds them) that follow the module
+    holding the schedule to its device, so the training step indexes them where ``t`` lives and copies nothing
+    from the host; they stay float64 whatever dtype the module is cast to.
 
     Args:
         kind: ``linear``, ``scaled_linear`` or ``cosine``.
@@ -53,14 +58,24 @@ class NoiseSchedule:
 
     def __init__(self, kind: str = "scaled_linear", num_timesteps: int = 1000, beta_start: float = 0.00085,
                  beta_end: float = 0.012, zero_terminal_snr: bool = False):
+        super().__init__()
         betas = make_betas(kind, num_timesteps, beta_start, beta_end)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.kind = kind
         self.num_timesteps = num_timesteps
         self.zero_terminal_snr = zero_terminal_snr
-        self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Follow the device only: a cast of the holder (bf16-true, .half()) must not round the tables.
+        for name, table in self._buffers.items():
+            self._buffers[name] = table.to(fn(table).device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, T={self.num_timesteps}, zero_terminal_snr={self.zero_terminal_snr}"
 
     def _coef(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)

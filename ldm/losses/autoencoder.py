@@ -78,8 +78,8 @@ class AutoencoderLoss(nn.Module):
             g_loss = -self.discriminator(xrec).float().mean()
             if last_layer is not None and torch.is_grad_enabled():
                 d_weight = adaptive_weight(nll, g_loss, last_layer) * self.disc_weight
-            else:
-                d_weight = torch.tensor(self.disc_weight, device=x.device)
+            else:  # validation: the configured weight (a CPU scalar: operands, not a copy to the device)
+                d_weight = torch.tensor(float(self.disc_weight))
             loss = loss + d_weight * self.disc_factor * g_loss
             logs |= {"g_loss": g_loss.detach(), "d_weight": d_weight}
         logs["total_loss"] = loss.detach()

@@ -106,3 +106,39 @@ class SyncCounter(TorchFunctionMode):
 def _bool_index(index: Any) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+class HostCopyCounter(TorchDispatchMode):
+    """Records blocking copies from the CPU to another device (``_to_copy``/``copy_`` whose source is on the CPU):
+    on CUDA each one synchronises the host with the copy. Asynchronous copies (``non_blocking``, which the
+    framework makes from pinned memory: ``ldm.utils.transfer``) are not counted. Works without a GPU under
+    ``torch._subclasses.FakeTensorMode`` with tensors on a fake ``cuda`` device (enter this mode inside it)."""
+
+    def __init__(self, record_where: bool = False) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+        self.record_where = record_where
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _op_name(func)
+        if name == "_to_copy":
+            src, dst = args[0], kwargs.get("device")
+            moving = dst is not None and torch.device(dst).type != "cpu"
+        elif name == "copy":  # copy_ (the trailing underscore is stripped)
+            dst, src = args[0], args[1]
+            moving = isinstance(dst, torch.Tensor) and dst.device.type != "cpu"
+        else:
+            moving = False
+        blocking = not (kwargs.get("non_blocking") or (name == "copy" and len(args) > 2 and args[2]))
+        if moving and blocking and isinstance(src, torch.Tensor) and src.device.type == "cpu":
+            self.copies.append(f"{name} {tuple(src.shape)} {src.dtype}" + (self._where() if self.record_where else ""))
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _where() -> str:
+        import traceback
+
+        frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename
+                  and "dispatch_count" not in f.filename]
+        return " at " + " <- ".join(f"{f.filename}:{f.lineno}" for f in frames[-4:][::-1])
