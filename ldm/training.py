@@ -22,6 +22,7 @@ from ldm.callbacks.progress import ProgressBar
 from ldm.checkpoints import checkpoint_mismatch
 from ldm.utils.allocator import apply_policy
 from ldm.utils.launch import global_rank, restart_count, shared_run_name
+from ldm.utils.lightning_internals import wandb_run_started
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Close W&B runs now (flushing an offline run folder completely), not at interpreter exit, so a
         # later run in this process (a sweep, a resume) starts its own.
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            if isinstance(logger, WandbLogger) and wandb_run_started(logger):
                 logger.experiment.finish(exit_code=0 if trainer.state.status.value == "finished" else 1)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 

@@ -8,6 +8,7 @@ import torch
 
 from ldm.training import train
 from ldm.utils.dispatch_count import SyncCounter
+from ldm.utils.lightning_internals import batches_that_stepped
 
 LOG_EVERY = 4
 
@@ -38,7 +39,7 @@ class CountSyncs(L.Callback):
         pl_module.on_train_batch_end = on_train_batch_end
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._logging = (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % trainer.log_every_n_steps == 0
+        self._logging = (batches_that_stepped(trainer) + 1) % trainer.log_every_n_steps == 0
         self._mode = SyncCounter(record_where=True)
         self._mode.__enter__()
 
@@ -132,7 +133,7 @@ class ErrorOnSync(CountSyncs):
     """On CUDA: every synchronising CUDA call between batch start and end of a non-logging step raises."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._logging = (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % trainer.log_every_n_steps == 0
+        self._logging = (batches_that_stepped(trainer) + 1) % trainer.log_every_n_steps == 0
         self._mode = _SyncDebug("default" if self._logging or batch_idx == 0 else "error")
         self._mode.__enter__()
 

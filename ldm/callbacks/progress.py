@@ -33,7 +33,8 @@ class ProgressBar(RichProgressBar):
         self._last_line = time.monotonic()
 
     def _get_train_description(self, current_epoch: int) -> str:
-        """``step 1,200/5,000`` or ``step 1,200 of 12:00`` (a time budget) instead of ``Epoch 1/-2``."""
+        """``step 1,200/5,000`` or ``step 1,200 of 12:00`` (a time budget) instead of ``Epoch 1/-2``. (Overrides
+        RichProgressBar's private hook: pinned by tests/test_internals.py.)"""
         trainer = self.trainer
         if trainer.max_steps and trainer.max_steps > 0:
             return f"step {trainer.global_step:,}/{trainer.max_steps:,}"

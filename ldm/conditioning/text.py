@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoints import read_state_dict
+from ldm.conditioning.open_clip_internals import embed_tokens
 from ldm.utils.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class OpenCLIPTextEmbedder(nn.Module):
     def encode(self, captions: list[str]) -> torch.Tensor:
         """Token features of the text tower, no caching."""
         tokens = self.tokenize(list(captions))
-        x, attn_mask = self.text._embeds(tokens)
+        x, attn_mask = embed_tokens(self.text, tokens)
         blocks = self.text.transformer.resblocks
         depth = len(blocks) - (1 if self.layer == "penultimate" else 0)
         for block in blocks[:depth]:

@@ -16,6 +16,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from ldm.utils.lightning_internals import batches_that_stepped, uncount_optimizer_steps
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ def is_logging_step(trainer: L.Trainer | None) -> bool:
     """Whether Lightning writes the logs after this batch (where reading device values back is paid anyway)."""
     if trainer is None:
         return True
-    stepped = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+    stepped = batches_that_stepped(trainer) + 1
     return stepped % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
 
 
@@ -149,15 +151,8 @@ def uncount_steps(trainer: L.Trainer, steps: int) -> None:
     Lightning counts a call to ``optimizer.step()`` whatever the optimiser then did; a step the guard
     skipped changed nothing and is not a step of training.
     """
-    if steps <= 0:
-        return
-    loop = trainer.fit_loop.epoch_loop
-    if trainer.lightning_module.automatic_optimization:
-        total = loop.automatic_optimization.optim_progress.optimizer.step.total
-    else:
-        total = loop.manual_optimization.optim_step_progress.total
-    total.ready -= steps
-    total.completed -= steps
+    if steps > 0:
+        uncount_optimizer_steps(trainer, steps)
 
 
 def refuse_nonfinite_weights(module: torch.nn.Module, step: int) -> None:
