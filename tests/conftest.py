@@ -113,3 +113,20 @@ def make_ldm_cfg(tmp_path: Path, data_dir: Path, export_dir: Path):
         return compose_cfg(ldm_overrides(tmp_path, data_dir, export_dir, experiment, *extra))
 
     return _make
+
+
+def assert_same_training_state(resumed: dict, unbroken: dict, what: str = "") -> None:
+    """Two stage-2 checkpoints hold the same training state: raw and EMA weights, the EMA's count, the optimiser's
+    moments, and the learning-rate schedule's state (the optimiser's lr and the base it scales: the schedule is
+    callbacks.lr_schedule, not a Lightning scheduler)."""
+    assert resumed["global_step"] == unbroken["global_step"], what
+    for key in ("current_model_state", "state_dict"):  # raw weights, EMA weights
+        for name, value in unbroken[key].items():
+            torch.testing.assert_close(resumed[key][name], value, msg=f"{what}: {key} {name}")
+    assert int(resumed["averaging_state"]["n_averaged"]) == int(unbroken["averaging_state"]["n_averaged"]), what
+    (opt_a,), (opt_b,) = unbroken["optimizer_states"], resumed["optimizer_states"]
+    for idx, state in opt_a["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(opt_b["state"][idx][name], value, msg=f"{what}: optimiser {idx} {name}")
+    for key in ("lr", "base_lr"):
+        assert opt_b["param_groups"][0][key] == pytest.approx(opt_a["param_groups"][0][key]), f"{what}: {key}"
