@@ -281,3 +281,25 @@ def test_accuracy_by_class_counts_each_class_apart():
     acc = accuracy_by_class(pred, labels)
     assert acc["all"] == pytest.approx(4 / 6) and acc["t-shirt"] == 0.5 and acc["trouser"] == pytest.approx(2 / 3)
     assert acc["ankle boot"] == 1.0 and "bag" not in acc
+
+
+def test_sample_metric_callbacks_take_their_reference_images_from_the_datamodule(make_ldm_cfg, make_cfg):
+    """FID/CLIP read their reference set through the DataModule (data.reference_shards: for a latent cache, the
+    images it was encoded from), never by building a loader of their own."""
+    import inspect
+
+    import ldm.callbacks.sample_metrics as sample_metrics
+    from ldm.training import build
+
+    assert "ldm.data" not in inspect.getsource(sample_metrics)
+    cfg = make_ldm_cfg("ldm_f8")
+    assert cfg.data.reference_shards == f"{cfg.data.prepare.image_prepare.out_dir}/val"
+    assert make_cfg("ae_f8").data.reference_shards == make_cfg("ae_f8").data.val_shards
+    datamodule = build(cfg.data)
+    datamodule.data.prepare_fn = None  # the image shards exist (session data): no latent cache needed here
+    images = [b for b in datamodule.reference_dataloader(TINY_RES, 4, 6)]
+    assert sum(len(b["image"]) for b in images) == 6 and images[0]["image"].shape[1:] == (3, TINY_RES, TINY_RES)
+    assert all(b["caption"] for b in images)
+    datamodule.reference_shards = None
+    with pytest.raises(ValueError, match="data.reference_shards is not set"):
+        datamodule.reference_dataloader(TINY_RES, 4, 6)

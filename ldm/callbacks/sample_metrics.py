@@ -3,9 +3,10 @@
 Every ``every_n_steps`` optimiser steps and when fit ends, ``num_samples`` images are generated
 with the EMA weights (when the EMA callback is on), the configured sampler and guidance scale,
 for conditions (captions / class labels) read from a reference set of real images — so the
-generated set follows the data's condition distribution. Under DDP each rank generates a
-contiguous share with seeds from the global sample index, updates its metric state, and the
-metric's ``compute()`` (run on all ranks) reduces the sums; rank 0 logs. Metric states are sums
+generated set follows the data's condition distribution. The reference set comes from the DataModule
+(``reference_dataloader``: ``data.reference_shards``, the image shards behind the training data).
+Under DDP each rank generates a contiguous share with seeds from the global sample index, updates its metric
+state, and the metric's ``compute()`` (run on all ranks) reduces the sums; rank 0 logs. Metric states are sums
 of fixed size, updated under ``no_grad`` outside ``training_step``: nothing grows between
 evaluations. Callbacks with the same sampling settings at the same step share one set of samples.
 """
@@ -21,7 +22,6 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ldm.callbacks.ema import averaged_or
-from ldm.data.loaders import ShardData
 from ldm.evaluation.samples import Conditions, generate, read_reference
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,18 @@ def rank_share(n: int, rank: int, world: int) -> range:
 class SampleMetricCallback(L.Callback, ABC):
     """Base: generates samples on schedule and hands them to :meth:`evaluate`.
 
+    The reference images (their captions and labels condition the samples, FID compares against them) are the
+    DataModule's ``reference_dataloader``.
+
     Args:
-        reference_shards: image shards of the reference set (the validation split); its captions and
-            labels condition the samples, and FID compares against its images.
         num_samples: generated images per evaluation (over all ranks).
         num_reference: reference images read (over all ranks); default ``num_samples``.
         every_n_steps: evaluate every so many optimiser steps (0: only when fit ends).
     """
 
-    def __init__(self, reference_shards: str, num_samples: int = 1000, num_reference: int | None = None,
+    def __init__(self, num_samples: int = 1000, num_reference: int | None = None,
                  every_n_steps: int = 0, sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0,
                  seed: int = 0, batch_size: int = 100, resolution: int | None = None):
-        self.reference_shards = reference_shards
         self.num_samples = num_samples
         self.num_reference = num_reference or num_samples
         self.every_n_steps = every_n_steps
@@ -83,10 +83,12 @@ class SampleMetricCallback(L.Callback, ABC):
 
     # ----- machinery ---------------------------------------------------------------------------
     def reference_loader(self, trainer: L.Trainer, resolution: int):
-        data = ShardData(train_shards=self.reference_shards, val_shards=self.reference_shards,
-                         resolution=resolution, val_batch_size=self.batch_size, num_workers=0,
-                         val_limit=self.num_reference)
-        return data.val_dataloader(world=trainer.world_size, rank=trainer.global_rank)
+        """This rank's share of the reference images, from the DataModule."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "reference_dataloader"):
+            raise ValueError(f"{type(self).__name__} needs a DataModule with reference_dataloader (the framework's "
+                             "WebDataModule, data.reference_shards)")
+        return datamodule.reference_dataloader(resolution, self.batch_size, self.num_reference)
 
     def _samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, Conditions]:
         share = rank_share(self.num_samples, trainer.global_rank, trainer.world_size)

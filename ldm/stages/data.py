@@ -25,10 +25,11 @@ class WebDataModule(L.LightningDataModule):
     ``prepare`` runs in ``prepare_data`` (once, on global rank 0); loaders are split over ``trainer.world_size``.
     """
 
-    def __init__(self, overfit_batches: int = 0, **kwargs: Any):
+    def __init__(self, overfit_batches: int = 0, reference_shards: str | None = None, **kwargs: Any):
         super().__init__()
         require_int("data.overfit_batches", overfit_batches, 0)
         self.overfit_batches = overfit_batches
+        self.reference_shards = reference_shards
         self.data = ShardData(**kwargs)
         # Written on a shared file system once, by global rank 0, while the other ranks wait (not once per node).
         self.prepare_data_per_node = False
@@ -127,6 +128,17 @@ class WebDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return self.data.val_dataloader(self._world(), rank)
+
+    def reference_dataloader(self, resolution: int, batch_size: int, limit: int | None) -> DataLoader | list:
+        """This rank's share of the reference images that sample metrics (FID, CLIP score) compare against and take
+        their conditions from: ``limit`` images over all ranks of ``data.reference_shards`` (the image shards behind
+        the training data: its validation images, or those its latent cache was encoded from), read in order."""
+        if self.reference_shards is None:
+            raise ValueError("data.reference_shards is not set: the sample-metric callbacks (FID, CLIP score) need "
+                             "the image shards of a reference set, e.g. data.reference_shards=data/mine/val")
+        reference = ShardData(train_shards=self.reference_shards, val_shards=self.reference_shards,
+                              resolution=resolution, val_batch_size=batch_size, num_workers=0, val_limit=limit)
+        return reference.val_dataloader(self._world(), self._rank())
 
     def skipped(self) -> dict[str, int]:
         """Counts of valid and skipped samples so far (see ``ShardData.skipped``)."""
