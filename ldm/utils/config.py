@@ -133,6 +133,11 @@ def run_dir(runs: str) -> str:
     return f"{runs}/{time.strftime('%Y-%m-%d_%H-%M-%S')}_{run_token()}"
 
 
+def subfolder(folder: str | None, name: str) -> str | None:
+    """``folder/name``, or None when ``folder`` is (``${ldm.subfolder:${oc.select:a.b,null},val}``)."""
+    return None if folder is None else f"{folder}/{name}"
+
+
 def rank_zero_only(value: Any) -> Any:
     """``value`` on global rank 0 (as the launcher set it), None on the others."""
     from ldm.utils.launch import global_rank
@@ -158,6 +163,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.run_token", run_token, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ldm.run_dir", run_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ldm.rank_zero_only", rank_zero_only, replace=True)
+    OmegaConf.register_new_resolver("ldm.subfolder", subfolder, replace=True)
     OmegaConf.register_new_resolver("ldm.job_name", job_name, replace=True)
     OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
     OmegaConf.register_new_resolver("ldm.call", call, replace=True)
