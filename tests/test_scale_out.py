@@ -185,6 +185,17 @@ def test_elastic_position_repeats_less_than_one_global_batch_and_skips_nothing(d
     assert repeated == consumed - start * 4 * new_world < 4 * new_world
 
 
+def test_bad_scale_out_settings_are_clear_errors(data_dir):
+    from ldm.callbacks.preemption import Preemption
+
+    with pytest.raises(ValueError, match=r"data.partition='yes': expected true"):
+        ShardData(train_shards=str(data_dir / "fashion_mnist_32" / "train"), partition="yes")
+    with pytest.raises(ValueError, match=r"callbacks.preemption.timeout_s='soon': expected seconds > 0"):
+        Preemption(timeout_s="soon")
+    with pytest.raises(ValueError, match=r"unknown signal names \['SIGNOPE'\]"):
+        Preemption(signals=("SIGTERM", "SIGNOPE"))
+
+
 def _all_keys(data: ShardData) -> list[str]:
     return [k for batch in _epoch_of(data, 1, 0) for k in batch]
 

@@ -72,9 +72,9 @@ class Preemption(Checkpoint):
 
     def __init__(self, timeout_s: float = 60.0, signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"),
                  requeue_signals: tuple[str, ...] = ("SIGUSR1", "SIGUSR2")):
-        if timeout_s <= 0:
-            raise ValueError(f"callbacks.preemption.timeout_s={timeout_s}: expected seconds > 0")
-        unknown = [s for s in (*signals, *requeue_signals) if not hasattr(signal.Signals, s)]
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+            raise ValueError(f"callbacks.preemption.timeout_s={timeout_s!r}: expected seconds > 0")
+        unknown = [s for s in (*signals, *requeue_signals) if not isinstance(s, str) or not hasattr(signal.Signals, s)]
         if unknown:
             raise ValueError(f"callbacks.preemption: unknown signal names {unknown}; expected e.g. SIGTERM, SIGUSR1")
         self.timeout_s = float(timeout_s)

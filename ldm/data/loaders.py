@@ -220,6 +220,9 @@ class ShardData:
                  partition: bool = True):
         if kind not in ("image", "latent"):
             raise ValueError(f"data.kind={kind!r}: expected 'image' or 'latent'")
+        if not isinstance(partition, bool):
+            raise ValueError(f"data.partition={partition!r}: expected true (split each epoch over the ranks) or false "
+                             "(shards drawn independently per rank)")
         for name, value, least in (("resolution", resolution, 1), ("batch_size", batch_size, 1),
                                    ("val_batch_size", val_batch_size, 1), ("num_workers", num_workers, 0),
                                    ("shuffle_buffer", shuffle_buffer, 1), ("samples_per_epoch", samples_per_epoch, 1),
