@@ -18,7 +18,13 @@ TINY_RES = 32
 TINY_LIMIT = 96
 TINY_SHARD = 24
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The cores shared among the parallel workers (pytest-xdist, `-n`): one worker per core gets one thread, and so
+# do the processes its tests start (OMP_NUM_THREADS), so that the workers do not fight over the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
 @pytest.fixture(scope="session")

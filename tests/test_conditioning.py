@@ -112,7 +112,12 @@ def test_open_clip_architecture_by_name_with_weights_from_a_local_file(tmp_path)
 def test_missing_weights_file_and_unreachable_tag_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         OpenCLIPTextEmbedder("RN50", pretrained=str(tmp_path / "nope.safetensors"))
+    # Offline as a machine without internet would be, without waiting for its connection timeouts (the hub reads
+    # HF_HUB_OFFLINE when it is first imported: an earlier test may have imported it already).
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="pass the local file as pretrained="):
         OpenCLIPTextEmbedder("RN50", pretrained="openai")
 
