@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from ldm.data.manifest import read_manifest
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training import train
 from ldm.utils.files import weights_fingerprint
-from tests.conftest import ROOT, ldm_overrides
+from tests.conftest import ROOT, compose_cfg, ldm_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("ldm_*.yaml"))
 
@@ -89,10 +90,14 @@ def test_bad_stage_settings_name_the_key(make_ldm_cfg, override, match):
         build(make_ldm_cfg("ldm_f8", override).model)
 
 
-@pytest.fixture
-def trained(make_ldm_cfg):
-    """A tiny ldm_f8 trained for 6 steps with EMA, checkpointed and exported."""
-    cfg = make_ldm_cfg("ldm_f8", "trainer.max_steps=6", "data.samples_per_epoch=16")
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_dir, export_dir):
+    """A tiny ldm_f8 trained for 6 steps with EMA, checkpointed and exported; trained once per session (per test
+    worker) in a folder of its own, with its own copy of the first stage, and only read by the tests."""
+    root = tmp_path_factory.mktemp("trained_ldm")
+    shutil.copytree(export_dir / "ae_f8", root / "exports" / "ae_f8")
+    cfg = compose_cfg(ldm_overrides(root, data_dir, root / "exports", "ldm_f8", "trainer.max_steps=6",
+                                    "data.samples_per_epoch=16"))
     train(cfg)
     return cfg
 

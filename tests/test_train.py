@@ -84,6 +84,17 @@ def test_resume_from_last_checkpoint(make_cfg):
     assert ckpt["global_step"] == 8
 
 
+def test_last_checkpoint_holds_the_step_a_run_ends_on_between_periodic_saves(make_cfg):
+    """max_steps=10 with a checkpoint every 4 steps: last.ckpt is the state at step 10 (Lightning alone leaves it at
+    step 8, and a longer run continued from it would repeat steps 9 and 10)."""
+    cfg = make_cfg("ae_f8", "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=4",
+                   "callbacks.export_first_stage=null")
+    train(cfg)
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert sorted(p.name for p in folder.glob("step*.ckpt")) == ["step0000008.ckpt"]
+
+
 def test_unwritable_output_dir_fails_before_training(make_cfg, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
