@@ -29,8 +29,11 @@ MINUTES ?= 30
 demo: setup
 	$(PY) scripts/demo.py --minutes $(MINUTES)
 
+# One pytest worker per core (pytest-xdist; TEST_WORKERS=1 for one process), idle workers taking tests from busy
+# ones; the longer tests start first (tests/conftest.py).
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check .

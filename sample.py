@@ -12,7 +12,6 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid
 
 import ldm.utils.config  # noqa: F401  (resolvers)
 from ldm.pipeline import LatentDiffusionPipeline, to_pil
@@ -50,6 +49,8 @@ def sample(cfg: DictConfig) -> str:
     names = [names] if isinstance(names, str | int) else list(names or ["sample"])
     for i, image in enumerate(to_pil(images)):
         image.save(out / f"{i:04d}_{_slug(str(names[i // cfg.num_images]))}.png")
+    from torchvision.utils import make_grid  # here: a mistake in the arguments is reported without the import
+
     grid = make_grid(images.float().cpu(), nrow=cfg.num_images, padding=2, pad_value=1.0)
     grid_path = out / "grid.png"
     to_pil(grid[None])[0].save(grid_path)

@@ -49,14 +49,16 @@ def main() -> None:
     classifier_extra = []
     if smoke:  # one f, two batches of a narrow network, a classifier from 64 images, 32 test images
         args.fs, args.eval_limit, args.classifier = [8], 32, str(smoke / "classifier")
-        classifier_extra = ["--limit", "64", "--epochs", "1"]
+        classifier_extra = ["--limit", "64", "--test-limit", "64", "--epochs", "1"]
         args.extra = [*args.extra, "trainer.max_steps=4", "model.autoencoder.ch=8", "data.samples_per_epoch=32",
                       "+data.prepare.limit=128", "data.val_limit=16", "data.shuffle_buffer=16"]
 
     if not (ROOT / args.classifier / "model.safetensors").is_file():
         log.info("no classifier at %s: training it", args.classifier)
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "train_classifier.py"), "--out", args.classifier,
-                        *classifier_extra], check=True, cwd=ROOT)
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from train_classifier import main as train_classifier  # in this process: one interpreter start less
+
+        train_classifier(["--out", str(ROOT / args.classifier), *classifier_extra])
     classifier = load_classifier(ROOT / args.classifier)
     budget = time.strftime("%H:%M:%S", time.gmtime(args.minutes * 60))
     rows = []

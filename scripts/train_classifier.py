@@ -22,9 +22,11 @@ from ldm.networks.classifier import FashionClassifier
 log = logging.getLogger("train_classifier")
 
 
-def load_split(split: str, resolution: int, source_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(split: str, resolution: int, source_dir: str | None,
+               limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` images of a split (all: None) at ``resolution``, in [-1, 1], with their labels."""
     source = find_source(source_dir)
-    images, labels = (read_idx(source / name) for name in FILES[split])
+    images, labels = (read_idx(source / name)[:limit] for name in FILES[split])
     x = torch.from_numpy(images.copy()).float().div(127.5).sub(1).unsqueeze(1)
     x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp(-1, 1)
     return x, torch.from_numpy(labels.astype("int64"))
@@ -60,17 +62,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images only (tests)")
+    parser.add_argument("--test-limit", type=int, default=None, help="judge on the first N test images only (tests)")
     parser.add_argument("--source-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs={args.epochs}: expected an integer >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    x_train, y_train = load_split("train", args.resolution, args.source_dir)
-    x_test, y_test = load_split("val", args.resolution, args.source_dir)
-    if args.limit:
-        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    x_train, y_train = load_split("train", args.resolution, args.source_dir, args.limit or None)
+    x_test, y_test = load_split("val", args.resolution, args.source_dir, args.test_limit or None)
     model = FashionClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     batches = max(1, len(x_train) // args.batch_size)  # a last partial batch is dropped, unless it is the only one
@@ -87,9 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             opt.step()
             sched.step()
-        log.info("epoch %d: loss %.3f, test accuracy %.4f (%.0f s)", epoch, loss.item(),
-                 accuracy(model, x_test, y_test), time.time() - start)
-    acc = accuracy(model, x_test, y_test)
+        acc = accuracy(model, x_test, y_test)
+        log.info("epoch %d: loss %.3f, test accuracy %.4f (%.0f s)", epoch, loss.item(), acc, time.time() - start)
     model_config = {"_target_": "ldm.networks.classifier.FashionClassifier", "num_classes": 10, "width": 32,
                     "input_size": 28}
     export_folder(args.out, model, CLASSIFIER, model_config,

@@ -136,3 +136,9 @@ def assert_same_training_state(resumed: dict, unbroken: dict, what: str = "") ->
             torch.testing.assert_close(opt_b["state"][idx][name], value, msg=f"{what}: optimiser {idx} {name}")
     for key in ("lr", "base_lr"):
         assert opt_b["param_groups"][0][key] == pytest.approx(opt_a["param_groups"][0][key]), f"{what}: {key}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longer tests (marked slow) first: with parallel workers they start early instead of running alone at
+    the end (the order within each group is kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

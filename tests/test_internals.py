@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
-from ldm.conditioning.open_clip_internals import embed_tokens
+from ldm.conditioning.open_clip_internals import build_text_tower, embed_tokens
 from ldm.utils.lightning_internals import batches_that_stepped, uncount_optimizer_steps, wandb_run_started
 
 
@@ -71,3 +71,13 @@ def test_open_clip_token_embedding_step():
     expected = tower.token_embedding(torch.zeros(1, 8, dtype=torch.long)) + tower.positional_embedding
     torch.testing.assert_close(embed_tokens(tower, torch.zeros(1, 8, dtype=torch.long))[0], expected)
     assert mask is None or mask.shape[-1] == 8
+
+
+def test_open_clip_text_tower_of_a_named_architecture_alone():
+    tower = build_text_tower("RN50")
+    assert isinstance(tower, open_clip.transformer.TextTransformer)
+    full = open_clip.create_model("RN50").transformer
+    assert tower.width == full.width and tower.context_length == 77
+    assert {k for k in tower.state_dict()} >= {"token_embedding.weight", "positional_embedding", "text_projection"}
+    with pytest.raises(ValueError, match="unknown open_clip architecture 'no-such-net'"):
+        build_text_tower("no-such-net")

@@ -15,12 +15,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 from torch import nn
 
 from ldm.checkpoints import read_state_dict
-from ldm.conditioning.open_clip_internals import embed_tokens
+from ldm.conditioning.open_clip_internals import build_text_tower, embed_tokens
 from ldm.utils.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -53,12 +52,10 @@ class OpenCLIPTextEmbedder(nn.Module):
         self.layer = layer
         self.ucg_rate = ucg_rate
         self.frozen = frozen
+        import open_clip  # here, not at the top: only a process that builds a text tower pays for the import
+
         if isinstance(arch, str):
-            cfg = open_clip.get_model_config(arch)
-            if cfg is None:
-                raise ValueError(f"unknown open_clip architecture '{arch}' (see open_clip.list_models())")
-            text_cfg = open_clip.model.CLIPTextCfg(**cfg["text_cfg"])
-            self.text = open_clip.model._build_text_tower(cfg["embed_dim"], text_cfg)
+            self.text = build_text_tower(arch)
             self.tokenizer = open_clip.get_tokenizer(arch)
         else:
             settings = dict(arch)
@@ -107,6 +104,8 @@ class OpenCLIPTextEmbedder(nn.Module):
             if not isinstance(arch, str):
                 raise ValueError("a pretrained tag needs an open_clip architecture name, not a dict")
             try:
+                import open_clip
+
                 state = open_clip.create_model(arch, pretrained=pretrained).state_dict()
             except Exception as err:  # noqa: BLE001 - network/hub failures of every kind
                 raise FileNotFoundError(
