@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.script_runner import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "common.py")
@@ -24,8 +24,7 @@ def test_benchmark_runs_under_smoke(script, tmp_path):
     results = ROOT / "benchmarks" / "results"
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
     env = {**os.environ, "LDM_BENCH_SMOKE_DIR": str(tmp_path)}
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = run_script(ROOT / "benchmarks" / script, "--smoke", cwd=ROOT, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     written = list((tmp_path / "results").glob("*.md"))
     assert written and all("|" in p.read_text() for p in written)  # a table was written, under the smoke folder

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.script_runner import run_script
 
 
 def _run(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"LDM_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=env)
+    return run_script(ROOT / script, *args, env=env, cwd=tmp_path)
 
 
 def _one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:

@@ -5,7 +5,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training import train
 from ldm.utils.files import weights_fingerprint
 from tests.conftest import ROOT, compose_cfg, ldm_overrides
+from tests.script_runner import run_script
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("ldm_*.yaml"))
 
@@ -150,8 +150,7 @@ def test_img2img_strength_zero_is_the_reconstruction_and_inpainting_keeps_the_kn
 
 
 def _sample_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "sample.py"), f"out_dir={tmp_path}/samples", "steps=2", "num_images=2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return run_script(ROOT / "sample.py", f"out_dir={tmp_path}/samples", "steps=2", "num_images=2", *args, cwd=tmp_path)
 
 
 def test_sample_cli_end_to_end(trained, tmp_path):
@@ -308,11 +307,11 @@ def test_ddp_two_processes_on_cpu_without_the_unused_parameter_search(tmp_path, 
     tower reads the penultimate layer, so a last block left trainable would make DDP fail on the 2nd step."""
     overrides = [o for o in ldm_overrides(tmp_path, data_dir, export_dir, "ldm_f8")
                  if not o.startswith("paths.output_dir")]
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "trainer=ddp", "trainer.devices=2",
+    args = [*overrides, "trainer=ddp", "trainer.devices=2",
            "trainer.max_steps=4", "model.conditioner.embedders.0.layer=penultimate",
            f"hydra.run.dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path / 'run'}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    out = run_script(ROOT / "train.py", *args, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "find_unused_parameters=True was specified" not in out.stderr
     assert "It is recommended to use `self.log('val/" not in out.stderr  # every val metric reduced over ranks

@@ -22,6 +22,7 @@ from ldm.checkpoints import read_state_dict
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training import build, train
 from tests.conftest import ROOT, tiny_overrides
+from tests.script_runner import run_script
 
 CAPTURED: dict = {}
 
@@ -141,9 +142,8 @@ def test_sigkill_mid_run_then_resume_reaches_the_final_step(tmp_path, data_dir):
     assert 20 <= killed_at < 2000 and killed_at % 20 == 0
 
     final = 40 + killed_at
-    res = subprocess.run(_cli(tmp_path, data_dir, "run2", f"trainer.max_steps={final}",
-                              f"ckpt_path={tmp_path}/run1"), env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    res = run_script(*_cli(tmp_path, data_dir, "run2", f"trainer.max_steps={final}", f"ckpt_path={tmp_path}/run1")[1:],
+                     env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == final

@@ -2,8 +2,6 @@
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from omegaconf import OmegaConf
 from ldm.checkpoints import load_first_stage
 from ldm.training import train
 from tests.conftest import ROOT, tiny_overrides
+from tests.script_runner import run_script
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("ae_*.yaml"))
 
@@ -107,12 +106,12 @@ def test_unwritable_output_dir_fails_before_training(make_cfg, tmp_path):
 def test_ddp_two_processes_on_cpu(tmp_path, data_dir):
     """The real CLI, 2 gloo processes: trains, validates and exports with statistics from both ranks."""
     overrides = [o for o in tiny_overrides(tmp_path, data_dir) if not o.startswith("paths.output_dir")]
-    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=ae_f8", "trainer=ddp", "trainer.devices=2",
+    args = ["experiment=ae_f8", "trainer=ddp", "trainer.devices=2",
            "trainer.max_steps=6", "model.loss.disc_start=1", "callbacks.export_first_stage.stats_batches=2",
            "hydra.run.dir=" + str(
                tmp_path / "run"), *overrides, "paths.output_dir=" + str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    out = run_script(ROOT / "train.py", *args, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     meta = OmegaConf.load(tmp_path / "exports" / "ae_f8" / "config.yaml").metadata
     assert meta.world_size == 2
