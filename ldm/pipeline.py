@@ -147,7 +147,7 @@ class LatentDiffusionPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
-                 class_labels: int | Sequence[int] | None = None, num_images: int | None = None,
+                 class_labels: int | str | Sequence[int | str] | None = None, num_images: int | None = None,
                  sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0, seed: int = 0,
                  init_image: ImageInput | None = None, strength: float = 0.8, mask: ImageInput | None = None,
                  eta: float | None = None, batch_size: int = 32, progress: bool = False,
@@ -217,8 +217,11 @@ class LatentDiffusionPipeline:
         if negative_prompt is not None and "caption" not in keys:
             raise ValueError("negative_prompt needs a text-conditioned model")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
-        labels = [class_labels] if isinstance(class_labels, int) else (
+        labels = [class_labels] if isinstance(class_labels, int | str) else (
             list(class_labels) if class_labels is not None else None)
+        if labels is not None and "class_label" in keys:  # names (the data's classes.json) -> indices
+            embedder = next(e for e in self.conditioner.embedders if e.input_key == "class_label")
+            labels = [embedder.label_of(label) for label in labels]
         if "caption" in keys and prompts is None:
             raise ValueError("this model is conditioned on text: pass prompt=...")
         if "class_label" in keys and labels is None and prompts is None:

@@ -14,8 +14,9 @@ from PIL import Image
 
 from ldm.data.decode import BadSample, SampleDecoder, SkipCounter, decode_latent
 from ldm.data.fashion_mnist import CLASS_NAMES, caption_for, prepare, read_idx
+from ldm.data.folder import folder_to_shards
 from ldm.data.loaders import ShardData, expand_urls
-from ldm.data.shards import Sample, folder_to_shards, write_shards
+from ldm.data.shards import Sample, write_shards
 
 
 def _samples(n: int, prefix: str = "s", res: int = 16) -> list[Sample]:
@@ -204,8 +205,8 @@ def test_folder_to_shards_with_captions(tmp_path):
     (folder / "a.txt").write_text("a red square\n")
     Image.new("RGB", (30, 40), (0, 255, 0)).save(folder / "sub" / "b.jpg")
     (folder / "broken.png").write_bytes(b"nope")
-    shards = folder_to_shards(folder, tmp_path / "shards", resolution=24)
-    assert len(shards) == 1
+    result = folder_to_shards(folder, tmp_path / "shards", resolution=24)
+    assert len(result.shards) == 1 and list(result.skipped) == [str(folder / "broken.png")]
     dm = ShardData(train_shards=str(tmp_path / "shards"), val_shards=str(tmp_path / "shards"),
                        resolution=24, num_workers=0)
     (batch,) = list(dm.val_dataloader())

@@ -17,13 +17,28 @@ class ClassEmbedder(nn.Module):
 
     input_key = "class_label"
 
-    def __init__(self, num_classes: int, embed_dim: int, output: str = "y", ucg_rate: float = 0.0):
+    def __init__(self, num_classes: int, embed_dim: int, output: str = "y", ucg_rate: float = 0.0,
+                 class_names: list[str] | None = None):
         super().__init__()
         if output not in ("context", "y"):
             raise ValueError(f"ClassEmbedder output must be 'context' or 'y', not '{output}'")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"model.conditioner.embedders.0.num_classes={num_classes}, but the data names "
+                             f"{len(class_names)} classes (classes.json beside the shards): set num_classes="
+                             f"{len(class_names)}")
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
         self.num_classes, self.embed_dim, self.output, self.ucg_rate = num_classes, embed_dim, output, ucg_rate
         self.frozen = False
         self.embedding = nn.Embedding(num_classes + 1, embed_dim)
+
+    def label_of(self, label: int | str) -> int:
+        """A class index, or a class name (as the data's ``classes.json`` names it) -> its index."""
+        if isinstance(label, str) and not label.lstrip("-").isdigit():
+            if self.class_names is None or label not in self.class_names:
+                known = f"one of {self.class_names}" if self.class_names else "an index (this model has no names)"
+                raise ValueError(f"class_labels: unknown class '{label}'; expected {known}")
+            return self.class_names.index(label)
+        return int(label)
 
     @property
     def null_label(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import secrets
 import tempfile
@@ -152,6 +153,24 @@ def job_name(name: str) -> str:
     return name if global_rank() == 0 else f"{name}_rank{global_rank()}"
 
 
+def class_names_beside(shards: Any) -> list[str] | None:
+    """The class names (index -> name) that ``scripts/folder_to_shards.py --labels folders`` wrote beside the
+    shards (``classes.json`` in the shards' folder), or None when there is none (or several shard sources)."""
+    if not isinstance(shards, str) or not shards:
+        return None
+    path = Path(shards.split("{")[0])
+    folder = path if path.is_dir() else path.parent
+    index = folder / "classes.json"
+    if not index.is_file():
+        return None
+    try:
+        names = json.loads(index.read_text())["names"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a class index ({err}); expected {{\"names\": [...]}} as "
+                         "scripts/folder_to_shards.py --labels folders writes it") from err
+    return [str(n) for n in names]
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ldm.num_workers", auto_num_workers, replace=True)
@@ -166,6 +185,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.subfolder", subfolder, replace=True)
     OmegaConf.register_new_resolver("ldm.job_name", job_name, replace=True)
     OmegaConf.register_new_resolver("ldm.basename", lambda path: Path(str(path)).name, replace=True)
+    OmegaConf.register_new_resolver("ldm.class_names", class_names_beside, replace=True)
     OmegaConf.register_new_resolver("ldm.call", call, replace=True)
     OmegaConf.register_new_resolver("ldm.ddp_find_unused", ddp_find_unused_parameters, replace=True)
 
