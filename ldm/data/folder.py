@@ -104,9 +104,14 @@ def read_caption_table(path: str | Path) -> dict[str, str]:
     return {str(row[key]): str(row[text]) for row in rows if row.get(key) is not None and row.get(text) is not None}
 
 
-def caption_of(path: Path, root: Path, table: dict[str, str], default: str | None) -> str | None:
+def table_names(path: Path, root: Path) -> tuple[str, ...]:
+    """The names a metadata table may give an image by: relative path with and without suffix, name, stem."""
     relative = path.relative_to(root)
-    for name in (str(relative), str(relative.with_suffix("")), path.name, path.stem):
+    return str(relative), str(relative.with_suffix("")), path.name, path.stem
+
+
+def caption_of(path: Path, root: Path, table: dict[str, str], default: str | None) -> str | None:
+    for name in table_names(path, root):
         if name in table:
             return table[name]
     text = path.with_suffix(".txt")
@@ -187,8 +192,10 @@ def folder_to_shards(folder: str | Path, out_dir: str | Path, prefix: str = "dat
         index.write_text(json.dumps({"names": classes}, indent=1))
     for stale in out_dir.glob(f"{prefix}-*.tar.tmp"):  # a killed run's partial shard
         stale.unlink()
-    jobs = [_Job(out_dir / f"{prefix}-{i:06d}.tar", files[start:start + samples_per_shard], folder, resolution,
-                 classes, table, default_caption) for i, start in enumerate(range(0, len(files), samples_per_shard))]
+    chunks = [files[start:start + samples_per_shard] for start in range(0, len(files), samples_per_shard)]
+    jobs = [_Job(out_dir / f"{prefix}-{i:06d}.tar", chunk, folder, resolution, classes,
+                 {n: table[n] for f in chunk for n in table_names(f, folder) if n in table},  # its captions only
+                 default_caption) for i, chunk in enumerate(chunks)]
     result = Conversion(shards=[job.path for job in jobs], classes=classes)
     todo = [job for job in jobs if not job.path.is_file()]
     result.kept = len(jobs) - len(todo)
