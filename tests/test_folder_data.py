@@ -85,6 +85,13 @@ def test_an_interrupted_conversion_resumes_without_rewriting_finished_shards(ima
     assert len(_labels_by_key(result.shards)) == 12
     again = folder_to_shards(imagenet_layout, out, samples_per_shard=3, labels="folders")
     assert (again.kept, again.written) == (5, 0)
+    # Another conversion into the same folder (an image added; another shard size) is refused, nothing touched.
+    Image.new("RGB", (30, 30)).save(imagenet_layout / CLASSES[0] / "added.png")
+    with pytest.raises(ValueError, match=r"holds shards of another conversion \(the image files differ"):
+        folder_to_shards(imagenet_layout, out, samples_per_shard=3, labels="folders")
+    with pytest.raises(ValueError, match=r"another conversion \(.*samples_per_shard differ"):
+        folder_to_shards(imagenet_layout, out, samples_per_shard=4, labels="folders")
+    assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished
 
 
 def test_captions_from_a_metadata_table_then_txt_then_json(tmp_path):

@@ -11,13 +11,16 @@ table, converted in parallel and resumably.
 - Images are stored at their size, or resized (short side) and centre-cropped to ``resolution``.
 - The sorted file list is cut into shards of ``samples_per_shard`` files; shard ``i`` always holds the same
   files, so a conversion that is run again keeps the finished shards (each is written as ``.tmp`` and renamed
-  when complete) and writes only the missing ones. ``workers`` processes convert shards in parallel.
+  when complete) and writes only the missing ones. The files and settings are recorded (``conversion.json``):
+  running another conversion into a folder of finished shards (images added, other settings) is an error, not a
+  mix. ``workers`` processes convert shards in parallel.
 - Unreadable files are skipped; the summary counts what was written, kept and skipped, and says why.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +38,7 @@ from ldm.data.shards import IMAGE_SUFFIXES, Sample, record_counts, resize_square
 log = logging.getLogger(__name__)
 
 CLASS_INDEX = "classes.json"
+CONVERSION = "conversion.json"  # the settings and file list finished shards were made with
 LABEL_SOURCES = (None, "folders")
 KEY_COLUMNS = ("key", "file", "filename", "path")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -128,6 +132,24 @@ def caption_of(path: Path, root: Path, table: dict[str, str], default: str | Non
     return default
 
 
+def check_same_conversion(out_dir: Path, prefix: str, settings: dict) -> None:
+    """Finished shards are kept only when they come from the same conversion (the same files, in the same shards,
+    with the same settings): the settings are recorded beside them (``conversion.json``), and shards of another
+    conversion are an error rather than mixed in."""
+    record = out_dir / CONVERSION
+    if record.is_file() and any(out_dir.glob(f"{prefix}-*.tar")):
+        try:
+            before = json.loads(record.read_text())
+        except ValueError:
+            before = None
+        changed = sorted(k for k in settings if not isinstance(before, dict) or before.get(k) != settings[k])
+        if changed:
+            what = ", ".join("the image files" if k == "files" else k for k in changed)
+            raise ValueError(f"{out_dir} holds shards of another conversion ({what} differ from {record}): convert "
+                             "into a new out_dir, or remove those shards to convert again")
+    record.write_text(json.dumps(settings, indent=1))
+
+
 @dataclass
 class _Job:
     """One shard's worth of files and how to turn them into samples (sent to a worker process)."""
@@ -184,6 +206,10 @@ def folder_to_shards(folder: str | Path, out_dir: str | Path, prefix: str = "dat
     classes = class_names(files, folder) if labels == "folders" else None
     table = read_caption_table(captions) if captions is not None else {}
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_same_conversion(out_dir, prefix, {
+        "folder": str(folder.resolve()), "samples_per_shard": samples_per_shard, "resolution": resolution,
+        "labels": labels, "files": hashlib.sha256("\n".join(str(f.relative_to(folder)) for f in files).encode())
+        .hexdigest(), "captions": None if captions is None else str(Path(captions).resolve())})
     if classes is not None:
         index = out_dir / CLASS_INDEX
         if index.is_file() and json.loads(index.read_text()).get("names") != classes:
