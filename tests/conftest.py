@@ -12,6 +12,7 @@ from omegaconf import DictConfig, open_dict
 
 import ldm.utils.config  # noqa: F401
 from ldm.data.fashion_mnist import prepare
+from tests.synthetic_data import imagenet_layout  # noqa: F401 (a fixture, for every test file)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RES = 32

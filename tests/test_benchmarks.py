@@ -15,7 +15,8 @@ SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name !=
 
 def test_every_benchmark_script_is_smoke_tested():
     assert set(SCRIPTS) == {"allocator.py", "autoencoder_f.py", "fsdp_check.py", "gpu_report.py", "mfu.py",
-                            "op_count.py", "sampler_convergence.py", "sampling.py", "throughput.py", "train_step.py"}
+                            "op_count.py", "recipes.py", "sampler_convergence.py", "sampling.py", "throughput.py",
+                            "train_step.py"}
 
 
 @pytest.mark.slow

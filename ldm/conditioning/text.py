@@ -158,7 +158,10 @@ class OpenCLIPTextEmbedder(nn.Module):
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         """Token features of the text tower, no caching."""
-        tokens = self.tokenize(list(captions))
+        return self.encode_tokens(self.tokenize(list(captions)))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, context_length) -> token features of the text tower (``layer``, then ``ln_final``)."""
         x, attn_mask = embed_tokens(self.text, tokens)
         blocks = self.text.transformer.resblocks
         depth = len(blocks) - (1 if self.layer == "penultimate" else 0)

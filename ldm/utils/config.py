@@ -63,6 +63,35 @@ def per_device(cpu_value: int, gpu_value: int, accelerator: str = "auto") -> int
     return gpu_value if auto_compile(accelerator) else cpu_value
 
 
+def device_count(devices: Any, accelerator: str = "auto") -> int:
+    """How many devices ``trainer.devices`` names on this machine: an int, a list of indices, or ``auto`` / -1
+    (every visible GPU where training runs on CUDA, else 1, as Lightning counts them)."""
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, list | tuple) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit() and int(devices) > 0:
+        return int(devices)
+    if str(devices) in ("auto", "-1"):
+        return torch.cuda.device_count() if auto_compile(accelerator) else 1
+    raise ValueError(f"trainer.devices={devices!r}: expected a positive count, a list of device indices or auto")
+
+
+def batch_per_device(global_batch: int, devices: Any, num_nodes: int, accumulate: int,
+                     accelerator: str = "auto") -> int:
+    """The per-device batch that makes ``global_batch`` = it x devices x nodes x accumulate_grad_batches (the paper
+    recipes state the paper's global batch and let the machine decide the split); an error naming the keys when
+    the global batch does not split evenly."""
+    n = device_count(devices, accelerator)
+    split = n * int(num_nodes) * int(accumulate)
+    if int(global_batch) % split:
+        raise ValueError(
+            f"global_batch={global_batch} does not split over trainer.devices={devices} ({n} here) x "
+            f"trainer.num_nodes={num_nodes} x trainer.accumulate_grad_batches={accumulate} = {split}; change "
+            "trainer.accumulate_grad_batches or the device count, or set data.batch_size (per device) yourself")
+    return int(global_batch) // split
+
+
 def usable_cpus() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. under a scheduler's allocation)."""
     try:
@@ -176,6 +205,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ldm.num_workers", auto_num_workers, replace=True)
     OmegaConf.register_new_resolver("ldm.compile", auto_compile, replace=True)
     OmegaConf.register_new_resolver("ldm.per_device", per_device, replace=True)
+    OmegaConf.register_new_resolver("ldm.batch_per_device", batch_per_device, replace=True)
     OmegaConf.register_new_resolver("ldm.cwd", lambda: os.getcwd(), replace=True)
     # Cached in the config (and so in the job configs a sweep launcher pickles): every job of a sweep resolves the
     # launching process's token and folder, not one of its own.
