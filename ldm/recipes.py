@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
+from ldm.networks.sizes import META, count_flops, meta_input, parameter_count
 from ldm.utils.config import CONFIG_DIR, compose
-from ldm.utils.flops import build_on_meta, count_flops, meta_input, parameter_count
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,12 @@ class RecipeSize:
 
     def counted(self, which: str) -> int:
         return sum(self.params[n] for n in which.split("+"))
+
+
+def build_on_meta(node: Any, **kwargs: Any) -> nn.Module:
+    """Instantiate a Hydra node (``_target_``) with its parameters on the meta device: no memory, no weights."""
+    with META:
+        return instantiate(node, **kwargs)
 
 
 def recipe_config(name: str, *overrides: str) -> DictConfig:
@@ -105,7 +114,7 @@ def recipe_size(name: str, *overrides: str) -> RecipeSize:
         if cfg.model.loss.perceptual_weight > 0:
             from torchvision.models import vgg16
 
-            with torch.device("meta"):
+            with META:
                 vgg = vgg16().features
             size.train_flops["lpips_vgg16"] = (count_flops(lambda: vgg(fake), backward=True)
                                                + count_flops(lambda: vgg(image)))

@@ -11,7 +11,7 @@ from omegaconf.errors import InterpolationResolutionError
 from ldm.data.folder import folder_to_shards
 from ldm.recipes import PAPER, RECIPES, recipe_config, recipe_size
 from ldm.training import train
-from tests.conftest import TINY_RES, compose_cfg
+from tests.conftest import ROOT, TINY_RES, compose_cfg
 from tests.synthetic_data import img2dataset_shards
 
 
@@ -102,3 +102,15 @@ def test_every_recipe_trains_a_few_steps_with_tiny_widths_on_data_of_its_layout(
         assert 0 < lr < 1e-6
     if name.startswith("kl_"):  # 4.5e-6 x the global batch of 4
         assert lr == pytest.approx(1.8e-5)
+
+
+def test_the_documented_recipe_commands_compose_as_written():
+    text = (ROOT / "docs" / "recipes.md").read_text().replace("\\\n", " ")
+    commands = [line.split("#")[0].split()[2:] for line in text.splitlines() if line.startswith("python train.py")]
+    assert len(commands) == 3
+    for args in commands:
+        cfg = compose_cfg([a for a in args if not a.startswith("trainer=")] + ["trainer.accelerator=cpu"])
+        assert cfg.task_name in RECIPES and cfg.data.resolution == 256
+        assert cfg.data.batch_size > 0
+        if "first_stage" in cfg.model:  # stage 2 reads the export of a first-stage recipe
+            assert cfg.model.first_stage.rsplit("/", 1)[-1] in RECIPES

@@ -1,6 +1,6 @@
-"""Sizes of networks without building their weights: parameters and FLOPs on the meta device.
+"""Sizes of networks without their weights: parameters and FLOPs, counted on the meta device.
 
-Everything here runs on ``torch.device("meta")``: no memory is allocated and no weights are read, so the
+Built under ``torch.device("meta")``: no memory is allocated and no weights are read, so the
 paper-sized networks (an 866M U-Net, a 354M text tower) are measured in seconds on any machine. FLOPs are
 counted by ``torch.utils.flop_counter`` (matmuls, convolutions and attention; 2 FLOPs per multiply-add), on
 the plain (GPU) paths of the networks (``ldm.networks.device_paths.plain_paths``): the nominal count of the
@@ -10,22 +10,14 @@ architecture, as ``benchmarks/mfu.py`` counts it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.networks.device_paths import plain_paths
 
 META = torch.device("meta")
-
-
-def build_on_meta(node: Any, **kwargs: Any) -> nn.Module:
-    """Instantiate a Hydra node (``_target_``) with its parameters on the meta device."""
-    with META:
-        return instantiate(node, **kwargs)
 
 
 def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
