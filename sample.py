@@ -30,8 +30,10 @@ def _value(node):
 
 def sample(cfg: DictConfig) -> str:
     """Check every argument, load the model, sample, write the images and the grid; returns the grid's path."""
+    interval = _value(cfg.guidance_interval)
     LatentDiffusionPipeline.check_arguments(cfg.sampler, cfg.steps, cfg.cfg_scale, cfg.eta, cfg.num_images,
-                                            cfg.batch_size, cfg.strength, cfg.init_image, cfg.mask)
+                                            cfg.batch_size, cfg.strength, cfg.init_image, cfg.mask,
+                                            guidance_interval=interval, guidance_rescale=cfg.guidance_rescale)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model_path, device=device, ema=cfg.ema)
     prompt, labels = _value(cfg.prompt), _value(cfg.class_labels)
@@ -42,7 +44,8 @@ def sample(cfg: DictConfig) -> str:
     images = pipe(prompt=prompt, negative_prompt=cfg.negative_prompt, class_labels=labels,
                   num_images=cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
                   seed=cfg.seed, init_image=cfg.init_image, strength=cfg.strength, mask=cfg.mask, eta=cfg.eta,
-                  batch_size=cfg.batch_size, progress=True, output_type="tensor")
+                  batch_size=cfg.batch_size, progress=True, output_type="tensor", guidance_interval=interval,
+                  guidance_rescale=cfg.guidance_rescale)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = prompt if prompt is not None else labels

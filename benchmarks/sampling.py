@@ -4,8 +4,9 @@
     python benchmarks/sampling.py --model exports/ldm_f8 --speed-only   # -> sampling_speed.md
 
 Wall time: 64 images (the ten class prompts cycled), cfg 4, our DDIM 50 and DPM-Solver++(2M) 20
-vs diffusers' DDIMScheduler 50 and DPMSolverMultistepScheduler 20 stepping the same guided U-Net
-(decoding included); medians of --rounds runs timed in alternation. Quality vs steps:
+vs diffusers' DDIMScheduler 50 and DPMSolverMultistepScheduler 20 stepping the same guided U-Net, and our
+DPM-Solver++(2M) 20 with guidance in --interval only (decoding included); medians of --rounds runs timed in
+alternation. Quality vs steps:
 --num-samples samples for the conditions of that many test images, FID in the offline classifier's
 feature space and class accuracy, for DDIM and DPM++ at --quality-steps; shows where each converges.
 DDIM at the most steps and DPM++ at --fast-steps run with a second seed too: the seed-to-seed spread
@@ -31,7 +32,7 @@ from common import (  # noqa: E402
 )
 
 from ldm.data.fashion_mnist import caption_for  # noqa: E402
-from ldm.diffusion.guidance import cfg  # noqa: E402
+from ldm.diffusion.guidance import cfg, guides_at  # noqa: E402
 from ldm.evaluation.cli import add_judge_args, judge_from_args  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--quality-steps", type=int, nargs="+", default=[10, 20, 50, 100])
     parser.add_argument("--fast-steps", type=int, default=20, help="DPM-Solver++ steps compared with DDIM at the most")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each sampler (median reported)")
+    parser.add_argument("--interval", type=float, nargs=2, default=[0.5, 3.0], metavar=("LO", "HI"),
+                        help="a guidance interval to time DPM-Solver++ with too (sigma in (LO, HI])")
     parser.add_argument("--speed-only", action="store_true",
                         help="wall times only (no quality sweep, no classifier needed); writes sampling_speed.md")
     add_judge_args(parser)
@@ -80,15 +83,21 @@ def main() -> None:
              "ours DPM": f"ours DPM-Solver++(2M) {dpm}", "diffusers DPM": f"diffusers DPMSolverMultistep {dpm}"}
     runs = {
         names["ours DDIM"]: lambda: pipe(prompt=prompts, sampler="ddim", steps=ddim, seed=0, batch_size=n_images,
-                                         output_type="tensor"),
+                                         cfg_scale=4.0, guidance_interval=None, output_type="tensor"),
         names["diffusers DDIM"]: lambda: diffusers_sample(
             pipe, DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common), prompts, ddim, 0),
         names["ours DPM"]: lambda: pipe(prompt=prompts, sampler="dpmpp_2m", steps=dpm, seed=0, batch_size=n_images,
-                                        output_type="tensor"),
+                                        cfg_scale=4.0, guidance_interval=None, output_type="tensor"),
         names["diffusers DPM"]: lambda: diffusers_sample(
             pipe, DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common), prompts, dpm,
             0),
     }
+    levels = pipe.noise_levels("dpmpp_2m", dpm)
+    guided = sum(guides_at(a, tuple(args.interval)) for a in levels.abar[:-1])
+    interval_name = (f"ours DPM-Solver++(2M) {dpm}, guidance in ({args.interval[0]:g}, {args.interval[1]:g}] "
+                     f"({guided} of {dpm} steps)")
+    runs[interval_name] = lambda: pipe(prompt=prompts, sampler="dpmpp_2m", steps=dpm, seed=0, batch_size=n_images,
+                                       cfg_scale=4.0, output_type="tensor", guidance_interval=args.interval)
     outputs = {}
 
     def keeping_output(name, fn):
@@ -106,7 +115,8 @@ def main() -> None:
             if r["sampler"] in (ours, theirs):
                 r["max |ours - diffusers| (pixels, [-1, 1])"] = f"{diff:.1e}"
     speed = (f"Model {args.model}. Wall time: {n_images} images incl. decoding, cfg 4, batch {n_images}; median of "
-             f"{args.rounds} runs per sampler after one warm-up, the samplers timed in alternation.\n\n"
+             f"{args.rounds} runs per sampler after one warm-up, the samplers timed in alternation. Outside a "
+             "guidance interval a step runs the conditional half alone: one U-Net pass on half the batch.\n\n"
              + markdown_table(rows, list(rows[0])))
     if args.speed_only:
         path = write_result("sampling_speed", "Sampling speed", speed)

@@ -4,7 +4,7 @@
 Lightning ``.ckpt`` of the latent diffusion stage (EMA weights by default). Calling it returns PIL images::
 
     pipe = LatentDiffusionPipeline.from_pretrained("exports/ldm_f8")
-    images = pipe(prompt="a photo of a sneaker", num_images=4, cfg_scale=4.0, seed=0)
+    images = pipe(prompt="a photo of a sneaker", num_images=4, seed=0)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ldm.checkpoints import UNetAndConditioner, export_pipeline, instantiate_tru
 from ldm.conditioning.conditioner import Conditioner
 from ldm.data.decode import to_rgb
 from ldm.diffusion.denoiser import Denoiser, check_prediction_for
+from ldm.diffusion.guidance import DEFAULT_CFG_SCALE, DEFAULT_INTERVAL, check_interval, check_rescale
 from ldm.diffusion.levels import NoiseLevels, make_levels
 from ldm.diffusion.samplers import check_sampler, sample
 from ldm.diffusion.schedule import NoiseSchedule
@@ -148,10 +149,11 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
                  class_labels: int | str | Sequence[int | str] | None = None, num_images: int | None = None,
-                 sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0, seed: int = 0,
+                 sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = DEFAULT_CFG_SCALE, seed: int = 0,
                  init_image: ImageInput | None = None, strength: float = 0.8, mask: ImageInput | None = None,
                  eta: float | None = None, batch_size: int = 32, progress: bool = False,
-                 output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+                 output_type: str = "pil", guidance_interval: Sequence[float] | None = DEFAULT_INTERVAL,
+                 guidance_rescale: float = 0.0) -> list[Image.Image] | torch.Tensor:
         """Generate ``num_images`` per prompt (or class label); returns PIL images or a [-1, 1] tensor.
 
         A class-conditional model given neither prompts nor labels samples every class. ``init_image`` +
@@ -159,9 +161,13 @@ class LatentDiffusionPipeline:
         black = keep) is inpainting: the kept region is re-imposed from the noised original latent after every step
         and pasted back in pixel space at the end. ``negative_prompt`` replaces the empty prompt in the guidance's
         unconditional half. ``eta`` is for the samplers that take it (ddim, euler_a); others refuse it.
+        ``guidance_interval`` [sigma_lo, sigma_hi] guides only the steps whose sigma = sqrt((1 - abar) / abar) lies
+        in (lo, hi] (the others run the conditional half alone; None: every step); ``guidance_rescale`` is CFG
+        rescale's phi. The default cfg and interval come from the guidance sweep (``ldm.diffusion.guidance``).
         """
         request = self.check_inputs(prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale,
-                                    strength, eta, batch_size, output_type, init_image, mask)
+                                    strength, eta, batch_size, output_type, init_image, mask, guidance_interval,
+                                    guidance_rescale)
         levels = self.noise_levels(sampler, steps, strength if init_image is not None else 1.0)
         init = self.prepare_init(init_image, mask)
         options = {"eta": eta} if eta is not None else {}
@@ -174,7 +180,7 @@ class LatentDiffusionPipeline:
                 if init is not None and len(levels) == 0:  # strength 0: the input's reconstruction
                     outputs.append(self.decode(init.latent.expand(len(idx), -1, -1, -1)))
                     continue
-                denoiser = self.encode_prompts(request, idx, cfg_scale)
+                denoiser = self.encode_prompts(request, idx, cfg_scale, guidance_interval, guidance_rescale)
                 x, noise = self.prepare_latents(idx, seed, levels, init)
                 gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + start)
                 z = sample(sampler, denoiser, x, levels, generator=gen, callback=lambda *_: bar.update(),
@@ -184,12 +190,16 @@ class LatentDiffusionPipeline:
         return to_pil(images) if output_type == "pil" else images
 
     @staticmethod
-    def check_arguments(sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0, eta: float | None = None,
+    def check_arguments(sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = DEFAULT_CFG_SCALE,
+                        eta: float | None = None,
                         num_images: int | None = None, batch_size: int = 32, strength: float = 0.8,
                         init_image: ImageInput | None = None, mask: ImageInput | None = None,
-                        output_type: str = "pil") -> None:
+                        output_type: str = "pil", guidance_interval: Sequence[float] | None = DEFAULT_INTERVAL,
+                        guidance_rescale: float = 0.0) -> None:
         """The checks that need no model (sample.py runs them before loading one)."""
         check_sampler(sampler, {"eta": eta} if eta is not None else {})
+        check_interval(guidance_interval)
+        check_rescale(guidance_rescale)
         require_int("steps", steps, 1)
         require_int("num_images", num_images, 1, optional=True)
         require_int("batch_size", batch_size, 1)
@@ -207,10 +217,11 @@ class LatentDiffusionPipeline:
                 read_image(value, key)
 
     def check_inputs(self, prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale, strength,
-                     eta, batch_size, output_type, init_image, mask) -> _Request:
+                     eta, batch_size, output_type, init_image, mask, guidance_interval=None,
+                     guidance_rescale=0.0) -> _Request:
         """Every argument checked before any work; the per-image prompts/labels/negatives, expanded."""
         self.check_arguments(sampler, steps, cfg_scale, eta, num_images, batch_size, strength, init_image, mask,
-                             output_type)
+                             output_type, guidance_interval, guidance_rescale)
         keys = self.conditioner.input_keys
         if class_labels is not None and "class_label" not in keys:
             raise ValueError(f"class_labels given, but this model is conditioned on {keys}")
@@ -276,7 +287,8 @@ class LatentDiffusionPipeline:
             init.latent_mask = (F.adaptive_max_pool2d(init.pixel_mask, latent_side) > 0.5).float()
         return init
 
-    def encode_prompts(self, request: _Request, idx: list[int], cfg_scale: float) -> Denoiser:
+    def encode_prompts(self, request: _Request, idx: list[int], cfg_scale: float,
+                       interval: Sequence[float] | None = None, rescale: float = 0.0) -> Denoiser:
         """The guided denoiser for images ``idx``: their condition, and the null (or negative) one."""
         batch: dict[str, Any] = {}
         if request.prompts is not None:
@@ -288,7 +300,7 @@ class LatentDiffusionPipeline:
         cond = self.conditioner(batch)
         negatives = {"caption": [request.negatives[i] for i in idx]} if request.negatives else None
         uncond = self.conditioner.uncond(len(idx), negatives)
-        return Denoiser(self.model_fn, self.prediction, self.schedule, cond, uncond, cfg_scale)
+        return Denoiser(self.model_fn, self.prediction, self.schedule, cond, uncond, cfg_scale, interval, rescale)
 
     def prepare_latents(self, idx: list[int], seed: int, levels: NoiseLevels,
                         init: _Init | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,16 +174,25 @@ def main() -> None:
                f"{json.dumps({k: round(v, 1) for k, v in asdict(rates).items()})}\n\n"
                f"{plan_table(plan, actual)}\n\nWall time from start to here: **{mmss(total)}** "
                f"(deadline {args.minutes:g} min).\n\nGrid: {grid_dir / 'grid.png'}\n\n{table}\n\n"
-               f"Classifier-feature FID of these {10 * settings.judge_per_class} samples against as many test "
-               f"images: {fid:.1f}\n")
+               f"Classifier-feature FID at the defaults: {fid:.1f}\n")
     report = Path(paths.log_dir) / "demo" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(summary)
     sys.stdout.write("\n" + summary + f"\nwritten: {report}\n")
 
 
+def guidance_name(interval) -> str:
+    return "guidance at every step" if interval is None else f"guidance where sigma is in ({interval[0]:g}, " \
+                                                             f"{interval[1]:g}]"
+
+
+def _list(node):
+    return None if node is None else [float(v) for v in node]
+
+
 def closing_evaluation(model: Path, classifier_dir: Path, ae_cfg, settings: Settings) -> tuple[str, float]:
-    """Per-class accuracy (markdown) and classifier-feature FID of ``judge_per_class`` samples per class."""
+    """Per-class accuracy and classifier-feature FID (markdown) of ``judge_per_class`` samples per class, at
+    sample.py's default guidance and, beside it, at the cfg-only setting with the lowest FID; the defaults' FID."""
     import torch
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -196,7 +205,8 @@ def closing_evaluation(model: Path, classifier_dir: Path, ae_cfg, settings: Sett
     pipe = LatentDiffusionPipeline.from_pretrained(model)
     classifier = load_classifier(classifier_dir)
     n = 10 * settings.judge_per_class
-    fid = FrechetInceptionDistance(feature=build_extractor("classifier", classifier_dir), normalize=True)
+    fid = FrechetInceptionDistance(feature=build_extractor("classifier", classifier_dir), normalize=True,
+                                   reset_real_features=False)
 
     def test_images(limit: int):
         return ShardData(train_shards=ae_cfg.data.val_shards, val_shards=ae_cfg.data.val_shards,
@@ -205,16 +215,26 @@ def closing_evaluation(model: Path, classifier_dir: Path, ae_cfg, settings: Sett
 
     read_reference(test_images(n), n, fid)
     real = real_accuracy(test_images(2000), classifier, 2000)
-    cfg_scale = compose([], config_name="sample").cfg_scale  # sample.py's default guidance
-    with torch.no_grad():
-        acc = per_class_accuracy(pipe, classifier, settings.judge_per_class, steps=settings.sampling_steps,
-                                 cfg_scale=cfg_scale, fid=fid)
-    rows = [{"judged": f"samples, cfg {cfg_scale:g}"} | {k: f"{100 * v:.1f}" for k, v in acc.items()},
-            {"judged": "real test images"} | {k: f"{100 * v:.1f}" for k, v in real.items()}]
+    defaults = compose([], config_name="sample")  # sample.py's default guidance
+    settings_by_row = {
+        f"samples at the defaults: cfg {defaults.cfg_scale:g}, {guidance_name(defaults.guidance_interval)}":
+            {"cfg_scale": defaults.cfg_scale, "guidance_interval": _list(defaults.guidance_interval),
+             "guidance_rescale": defaults.guidance_rescale},
+        f"samples, cfg {settings.baseline_cfg:g} at every step (the cfg-only sweep's lowest FID)":
+            {"cfg_scale": settings.baseline_cfg, "guidance_interval": None}}
+    rows, fids = [], {}
+    for name, guidance in settings_by_row.items():
+        with torch.no_grad():
+            acc = per_class_accuracy(pipe, classifier, settings.judge_per_class, steps=settings.sampling_steps,
+                                     fid=fid, **guidance)
+        fids[name] = float(fid.compute())
+        fid.reset()  # the generated half; the test images' statistics are kept
+        rows.append({"judged": name, "FID": f"{fids[name]:.1f}"} | {k: f"{100 * v:.1f}" for k, v in acc.items()})
+    rows.append({"judged": "real test images", "FID": ""} | {k: f"{100 * v:.1f}" for k, v in real.items()})
     table = (f"Per-class accuracy (%) of {settings.judge_per_class} samples per class ({settings.sampling_steps} "
-             f"steps, cfg {cfg_scale:g}) and of 2,000 real test images, judged by {classifier_dir}:\n\n"
-             + markdown_table(rows, list(rows[0])))
-    return table, float(fid.compute())
+             f"steps) and of 2,000 real test images, judged by {classifier_dir}; FID of the {n} samples against as "
+             "many test images in the classifier's features:\n\n" + markdown_table(rows, list(rows[0])))
+    return table, next(iter(fids.values()))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> dict:
                                  device)
 
     stats = reference_stats(stats_path, source, compute)
-    sampling = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed}
+    sampling = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,
+                "guidance_interval": args.guidance_interval, "guidance_rescale": args.guidance_rescale}
     scores = evaluate(pipe, stats, extractor, args.num_samples, sampling=sampling, batch_size=args.batch_size,
                       keep=args.pr_features, k=args.k, device=device)
     return {"model": str(args.model), "extractor": extractor.description, "stats": str(stats_path),
@@ -89,6 +90,9 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="guidance only where sigma = sqrt((1-abar)/abar) is in (LO, HI] (default: every step)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale's phi (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2, help="loader processes for the reference images")

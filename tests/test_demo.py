@@ -87,4 +87,5 @@ def test_stage_2_recipe_scales_the_warm_up_with_the_planned_steps():
     assert warmup_steps(720, Rates(**{**FAST.__dict__, "ldm_train": 205}), s) == 231
     assert warmup_steps(300, SLOW, s) == 50 and warmup_steps(1e6, FAST, s) == 500
     assert stage2_overrides(720, 17000, FAST, s) == ["+data.prepare.limits.train=17000", "model.min_snr_gamma=5",
-                                                     "callbacks.lr_schedule.warmup_steps=248"]
+                                                     "callbacks.lr_schedule.warmup_steps=248",
+                                                     "callbacks.export_pipeline.posthoc_sigma_rel=0.15"]

@@ -57,5 +57,10 @@ def test_exported_pipeline_loads_in_diffusers_and_matches_ours(diffusers_ready_e
     assert a.shape == b.shape
     print(f"max |ours - diffusers| = {(a - b).abs().max().item():.2e}")
     assert (a - b).abs().max().item() < 1e-3, (a - b).abs().max().item()
+    limited = {"guidance_interval": [0.5, 5.0], "guidance_rescale": 0.7}  # as our sampler: the same images
+    a2 = ours(prompt=prompts, steps=3, cfg_scale=3.0, seed=0, output_type="tensor", **limited)
+    b2 = theirs(prompt=prompts, num_inference_steps=3, guidance_scale=3.0, latents=noise.clone(), output_type="pt",
+                **limited)
+    assert (a2 - b2).abs().max().item() < 1e-5 < (a2 - a).abs().max().item()  # equal; and not the plain guidance
     with pytest.raises(FileExistsError, match="exists; choose a new folder"):
         export_diffusers_pipeline(diffusers_ready_export, out)

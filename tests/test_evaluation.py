@@ -226,12 +226,18 @@ def test_ablation_report_and_guidance_sweep_write_tables_and_plots(tiny_exports,
         assert "too short" in md and not (tmp_path / "ablation" / "generation_vs_f.png").exists()
 
     res = _script("scripts/guidance_sweep.py", "--model", str(tiny_exports / "ldm_f8"), "--scales", "1", "3",
-                  "--out", str(tmp_path / "sweep"), *common)
+                  "--intervals", "off", "0.5,3", "--out", str(tmp_path / "sweep"), *common)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "guidance_sweep.csv")))
-    assert [r["cfg scale"] for r in rows] == ["1", "3"]
+    assert [(r["cfg scale"], r["interval"]) for r in rows] == [("1", "off"), ("3", "off"), ("3", "(0.5, 3]")]
     assert all(float(r["fid_classifier"]) > 0 and 0 <= float(r["class_accuracy"]) <= 100 for r in rows)
-    assert (tmp_path / "sweep" / "guidance_sweep.png").is_file()
+    assert "yes" in [r["pareto"] for r in rows] and (tmp_path / "sweep" / "guidance_sweep.png").is_file()
+    res = _script("scripts/guidance_sweep.py", "--merge", str(tmp_path / "sweep" / "guidance_sweep.csv"),
+                  str(tmp_path / "sweep" / "guidance_sweep.csv"), "--out", str(tmp_path / "merged"), *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    merged = list(csv.DictReader(open(tmp_path / "merged" / "guidance_sweep.csv")))
+    assert merged == rows  # the same settings once, the same front
+    assert "- cfg 3: FID" in (tmp_path / "merged" / "guidance_sweep.md").read_text()
 
 
 def test_ablation_findings_state_the_trend_and_refuse_noise():
@@ -272,8 +278,11 @@ def test_demo_closing_table_judges_samples_and_real_images(tiny_exports, data_di
     table, fid = demo.closing_evaluation(tiny_exports / "ldm_f8", classifier_dir, ae_cfg,
                                          Settings(judge_per_class=2, sampling_steps=2))
     lines = table.splitlines()
-    assert lines[-4].startswith("| judged | all | t-shirt |") and "ankle boot" in lines[-4]
-    assert lines[-1].startswith("| real test images |") and lines[-2].startswith("| samples, cfg 4 |")
+    assert lines[-5].startswith("| judged | FID | all | t-shirt |") and "ankle boot" in lines[-5]
+    assert lines[-3].startswith("| samples at the defaults: cfg 5, guidance where sigma is in (0.5, 3] |")
+    assert lines[-2].startswith("| samples, cfg 1.5 at every step (the cfg-only sweep's lowest FID) |")
+    assert lines[-1].startswith("| real test images |")
+    assert float(lines[-3].split("|")[2]) == pytest.approx(fid, abs=0.05)  # the defaults' FID is the one returned
     assert fid >= 0 and fid < float("inf")
 
 

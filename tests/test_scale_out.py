@@ -237,8 +237,10 @@ def test_torchrun_across_two_nodes_as_documented(tmp_path, data_dir, export_dir)
     runs = tmp_path / "logs" / "ldm_f8" / "runs"
     assert [p.name for p in runs.iterdir()] == ["torchrun-t1"]
     run = runs / "torchrun-t1"
-    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "csv", "images", "train.log",
-                                                     "train_rank1.log"]
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "csv", "images", "posthoc_ema",
+                                                     "train.log", "train_rank1.log"]
+    assert list((run / "posthoc_ema").glob("snapshot-*.safetensors"))  # rank 0's; no partial or duplicate files
+    assert not list((run / "posthoc_ema").glob("*.tmp"))
     assert list((run / "images").glob("val_samples_step*.png"))
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 6
     records = read_keys(tmp_path / "keys")

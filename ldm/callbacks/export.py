@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ldm.callbacks.ema import averaged_or
 from ldm.checkpoints import FIRST_STAGE, export_folder
+from ldm.posthoc_ema import gamma_of, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +135,45 @@ class ExportFirstStage(FitClock):
 
 class ExportPipeline(FitClock):
     """On ``on_train_end``: export the latent diffusion model (EMA weights when the EMA callback is on)
-    with a copy of its first stage to ``dirpath`` — one folder ``LatentDiffusionPipeline`` and sample.py load."""
+    with a copy of its first stage to ``dirpath`` — one folder ``LatentDiffusionPipeline`` and sample.py load.
 
-    def __init__(self, dirpath: str):
+    ``posthoc_sigma_rel``: export instead the post-hoc EMA of that width (Karras et al. 2024), reconstructed from
+    the snapshots of ``callbacks.posthoc_ema`` (which must be on)."""
+
+    def __init__(self, dirpath: str, posthoc_sigma_rel: float | None = None):
         super().__init__()
         self.dirpath = Path(dirpath)
+        if posthoc_sigma_rel is not None:
+            gamma_of(posthoc_sigma_rel)  # a width out of range fails here, not after training
+        self.posthoc_sigma_rel = posthoc_sigma_rel
+
+    def _posthoc_pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """The pipeline over the module with its trained weights replaced by the post-hoc EMA of the set width, and
+        a function that puts the raw weights back (the pipeline shares the module's networks)."""
+        from ldm.callbacks.posthoc_ema import PostHocEMA
+
+        callback = next((c for c in trainer.callbacks if isinstance(c, PostHocEMA)), None)
+        if callback is None:
+            raise ValueError(f"callbacks.export_pipeline.posthoc_sigma_rel={self.posthoc_sigma_rel} needs "
+                             "callbacks.posthoc_ema (its snapshots)")
+        callback.flush(trainer)
+        weights, info = reconstruct(callback.dirpath, self.posthoc_sigma_rel)
+        pipe = pl_module.pipeline()
+        state = {**{f"unet.{k}": v for k, v in pipe.unet.state_dict().items()},
+                 **{f"conditioner.{k}": v for k, v in pipe.conditioner.state_dict().items()}}
+        raw = {name: state[name].detach().clone() for name in weights}
+        with torch.no_grad():
+            for name, value in weights.items():
+                state[name].copy_(value.to(state[name].device, state[name].dtype))
+        log.info("post-hoc EMA sigma_rel %g at step %d from %d snapshots (profile matched to %.2f%%)",
+                 info["sigma_rel"], info["step"], info["snapshots"], 100 * info["profile_error"])
+
+        @torch.no_grad()
+        def restore() -> None:
+            for name, value in raw.items():
+                state[name].copy_(value)
+
+        return pipe, info, restore
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:
@@ -145,11 +181,21 @@ class ExportPipeline(FitClock):
             return
         fit = self.fit_metadata(trainer, pl_module)
         if trainer.is_global_zero:
-            source = averaged_or(trainer, pl_module)
-            pipe = source.pipeline()
+            restore = None
+            if self.posthoc_sigma_rel is not None:
+                pipe, info, restore = self._posthoc_pipeline(trainer, pl_module)
+                fit = fit | {"posthoc_ema": json.dumps(info)}
+                what = f"post-hoc EMA sigma_rel {self.posthoc_sigma_rel:g}"
+            else:
+                source = averaged_or(trainer, pl_module)
+                pipe = source.pipeline()
+                what = "EMA" if source is not pl_module else "raw"
             pipe.config = (pl_module.run_config or {}).get("model", pipe.config)
-            self.export_keeping_the_run(
-                trainer, lambda: pipe.save_pretrained(self.dirpath, pl_module.run_config, metadata=fit))
-            log.info("latent diffusion model (%s weights) exported to %s", "EMA" if source is not pl_module else "raw",
-                     self.dirpath)
+            try:
+                self.export_keeping_the_run(
+                    trainer, lambda: pipe.save_pretrained(self.dirpath, pl_module.run_config, metadata=fit))
+            finally:
+                if restore is not None:
+                    restore()
+            log.info("latent diffusion model (%s weights) exported to %s", what, self.dirpath)
         trainer.strategy.barrier("export_pipeline")

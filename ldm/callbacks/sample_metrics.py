@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import lightning as L
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ldm.callbacks.ema import averaged_or
+from ldm.diffusion.guidance import check_interval, check_rescale
 from ldm.evaluation.samples import Conditions, generate, read_reference
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,14 @@ class SampleMetricCallback(L.Callback, ABC):
 
     def __init__(self, num_samples: int = 1000, num_reference: int | None = None,
                  every_n_steps: int = 0, sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0,
-                 seed: int = 0, batch_size: int = 100, resolution: int | None = None):
+                 seed: int = 0, batch_size: int = 100, resolution: int | None = None,
+                 guidance_interval: Sequence[float] | None = None, guidance_rescale: float = 0.0):
         self.num_samples = num_samples
         self.num_reference = num_reference or num_samples
         self.every_n_steps = every_n_steps
-        self.sampling = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed}
+        self.sampling = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed,
+                         "guidance_interval": check_interval(guidance_interval),
+                         "guidance_rescale": check_rescale(guidance_rescale)}
         self.batch_size = batch_size
         self.resolution = resolution
         self._last_step = -1

@@ -40,7 +40,8 @@ class Settings:
     train_images: int = 60_000       # the dataset's training split
     val_images: int = 2_000          # data.val_limit: the validation subset stage 2 caches
     grid_images: int = 80            # sample.py's grid: 8 per class
-    judge_per_class: int = 50        # the closing accuracy table: 500 samples
+    judge_per_class: int = 50        # the closing accuracy table: 500 samples, at the defaults and at baseline_cfg
+    baseline_cfg: float = 1.5        # the cfg-only sweep's lowest FID (benchmarks/results/guidance_sweep_before.md)
     sampling_steps: int = 20
     classifier_epochs: int = 2       # when no classifier export exists yet
     need_shards: bool = True
@@ -54,6 +55,7 @@ class Settings:
     warmup_fraction: float = 0.1     # of stage 2's planned steps, within warmup_bounds
     warmup_bounds: tuple[int, int] = (50, 500)
     min_snr_gamma: float = 5.0
+    posthoc_sigma_rel: float = 0.15  # stage 2 exports this post-hoc EMA width (the guidance sweep's choice)
 
 
 @dataclass
@@ -94,7 +96,7 @@ def sampling_seconds(images: int, rates: Rates, steps: int) -> float:
 def cache_images(ldm_seconds: float, rates: Rates, s: Settings) -> int:
     """Training images to encode: ``cache_share`` of stage 2's time, within [cache_min, the dataset]."""
     budget = s.cache_share * ldm_seconds * 0.8 * rates.encode
-    return int(min(s.train_images, max(s.cache_min, round(budget, -3))))
+    return int(min(s.train_images, max(s.cache_min, budget // 1000 * 1000)))  # whole thousands, never over
 
 
 def classifier_part(rates: Rates, s: Settings) -> Part:
@@ -114,8 +116,9 @@ def tail_parts(rates: Rates, s: Settings) -> list[Part]:
     return [Part("sampling", rates.startup_s + 7 + sampling_seconds(s.grid_images, rates, s.sampling_steps),
                  f"grid of {s.grid_images} images, {s.sampling_steps} steps, CFG"),
             # + loading the pipeline and the judge, reading the reference images and their features
-            Part("accuracy table", 25 + sampling_seconds(n, rates, s.sampling_steps),
-                 f"{n} samples ({s.judge_per_class} per class) judged by the classifier")]
+            Part("accuracy table", 25 + 2 * sampling_seconds(n, rates, s.sampling_steps),
+                 f"{n} samples ({s.judge_per_class} per class) at the defaults and at cfg {s.baseline_cfg:g}, judged "
+                 "by the classifier")]
 
 
 def stage_overhead(rates: Rates) -> float:
@@ -145,9 +148,11 @@ def warmup_steps(ldm_seconds: float, rates: Rates, s: Settings) -> int:
 
 
 def stage2_overrides(ldm_seconds: float, cache_train: int, rates: Rates, s: Settings) -> list[str]:
-    """train.py overrides for stage 2: the cache size and the short-budget recipe (Min-SNR, planned warm-up)."""
+    """train.py overrides for stage 2: the cache size, the short-budget recipe (Min-SNR, planned warm-up) and the
+    post-hoc EMA width its export takes."""
     return [f"+data.prepare.limits.train={cache_train}", f"model.min_snr_gamma={s.min_snr_gamma:g}",
-            f"callbacks.lr_schedule.warmup_steps={warmup_steps(ldm_seconds, rates, s)}"]
+            f"callbacks.lr_schedule.warmup_steps={warmup_steps(ldm_seconds, rates, s)}",
+            f"callbacks.export_pipeline.posthoc_sigma_rel={s.posthoc_sigma_rel:g}"]
 
 
 def stage2_part(ldm_s: float, rates: Rates) -> Part:

@@ -5,7 +5,10 @@ as D(x) = c_skip x + c_out F(x)):
   eps prediction: D = (x - sigma eps) / alpha   (undefined at abar = 0)
   v prediction:   D = alpha x - sigma v        (Salimans & Ho 2022; finite everywhere)
   x0 prediction:  D = F
-Classifier-free guidance (Ho & Salimans 2022) is applied to D: D_u + scale (D_c - D_u), in one batched forward.
+Classifier-free guidance (Ho & Salimans 2022) combines the two halves' raw outputs, f_u + scale (f_c - f_u), in one
+batched forward, then converts: D is affine in the output at a given x, so this equals guiding D itself. Guidance
+runs only at the levels of ``interval`` (elsewhere the conditional half alone), and ``rescale`` applies CFG rescale
+to the guided output (``ldm.diffusion.guidance``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ldm.diffusion.guidance import Condition, cfg
+from ldm.diffusion.guidance import Condition, Interval, cfg, check_interval, check_rescale, guides_at
 from ldm.diffusion.objectives import check_prediction, x0_from_eps, x0_from_v
 from ldm.diffusion.schedule import NoiseSchedule
 
@@ -39,15 +42,20 @@ class Denoiser:
         prediction: what the network predicts: ``eps``, ``v`` or ``x0``.
         schedule: the training schedule (eps prediction on a zero-terminal-SNR schedule is refused here).
         cond, uncond, scale: conditions for the guided halves; ``uncond=None`` or ``scale=1`` runs one pass.
+        interval: [sigma_lo, sigma_hi]: guidance only where sqrt((1 - abar) / abar) lies in (lo, hi]; None: always.
+        rescale: CFG rescale's phi (0: off).
     """
 
     def __init__(self, network: Network, prediction: str, schedule: NoiseSchedule, cond: Condition | None = None,
-                 uncond: Condition | None = None, scale: float = 1.0):
+                 uncond: Condition | None = None, scale: float = 1.0, interval: Interval | None = None,
+                 rescale: float = 0.0):
         self.network = network
         self.prediction = check_prediction_for(prediction, schedule)
         self.cond = cond or {}
         self.uncond = uncond
         self.scale = scale
+        self.interval = check_interval(interval)
+        self.rescale = check_rescale(rescale)
 
     def to_denoised(self, x: torch.Tensor, out: torch.Tensor, abar: float) -> torch.Tensor:
         alpha, sigma = abar**0.5, (1 - abar) ** 0.5
@@ -56,8 +64,7 @@ class Denoiser:
         return x0_from_v(x, out, alpha, sigma) if self.prediction == "v" else out
 
     def __call__(self, x: torch.Tensor, t: int, abar: float) -> torch.Tensor:
-        def denoised(x_: torch.Tensor, t_: torch.Tensor, condition: Condition) -> torch.Tensor:
-            return self.to_denoised(x_, self.network(x_, t_, condition), abar)
-
         tvec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return cfg(denoised, self.cond, self.uncond, self.scale)(x, tvec)
+        uncond = self.uncond if guides_at(abar, self.interval) else None  # outside the interval: f_c alone
+        out = cfg(self.network, self.cond, uncond, self.scale, self.rescale)(x, tvec)
+        return self.to_denoised(x, out, abar)

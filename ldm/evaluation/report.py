@@ -73,3 +73,33 @@ def line_plot(path: str | Path, x: list[float], series: dict[str, list[float | N
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def pareto_plot(path: str | Path, series: dict[str, list[tuple[float, float, str]]], front: list[tuple[float, float]],
+                title: str) -> Path:
+    """Class accuracy against FID: one line per series through its (fid, accuracy, label) points, each point
+    labelled (e.g. its cfg scale), and the Pareto front as a dashed step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        for fid, acc, label in points:
+            ax.annotate(label, (fid, acc), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", linestyle="--", color="black",
+                linewidth=1, label="Pareto front")
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_ylabel("class accuracy % (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

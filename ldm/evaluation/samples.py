@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,14 +30,16 @@ class Conditions:
 
 
 def generate(pipe: LatentDiffusionPipeline, conditions: Conditions, *, sampler: str = "dpmpp_2m", steps: int = 20,
-             cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 100, progress: bool = False) -> torch.Tensor:
+             cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 100, progress: bool = False,
+             guidance_interval: Sequence[float] | None = None, guidance_rescale: float = 0.0) -> torch.Tensor:
     """One sample per condition, in [0, 1]; the model gets the inputs it was trained on (text or labels).
-    Sample ``i`` starts from the noise of seed ``seed + i``; ``progress`` reports the sampling (bar or log lines)."""
+    Sample ``i`` starts from the noise of seed ``seed + i``; ``progress`` reports the sampling (bar or log lines).
+    Guidance as given (here at every step unless ``guidance_interval`` says otherwise): evaluations state it."""
     keys = pipe.conditioner.input_keys
     images = pipe(prompt=conditions.captions if "caption" in keys else None,
                   class_labels=conditions.labels if "class_label" in keys else None, num_images=1, sampler=sampler,
                   steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, output_type="tensor",
-                  progress=progress)
+                  progress=progress, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale)
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
@@ -109,8 +111,10 @@ class SampleJudge:
 
 
 def per_class_accuracy(pipe: LatentDiffusionPipeline, classifier: nn.Module, per_class: int = 50, *,
-                       sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0, seed: int = 0,
-                       batch_size: int = 100, fid: FrechetInceptionDistance | None = None) -> dict[str, float]:
+                       sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0,
+                       seed: int = 0, batch_size: int = 100, fid: FrechetInceptionDistance | None = None,
+                       guidance_interval: Sequence[float] | None = None,
+                       guidance_rescale: float = 0.0) -> dict[str, float]:
     """``per_class`` samples of each Fashion-MNIST class (its caption or label), judged by ``classifier``: the
     share classified as their class, per class name and overall (``all``). ``fid`` (holding reference
     statistics) also receives the samples."""
@@ -119,7 +123,8 @@ def per_class_accuracy(pipe: LatentDiffusionPipeline, classifier: nn.Module, per
     labels = [c for c in range(len(CLASS_NAMES)) for _ in range(per_class)]
     conditions = Conditions([caption_for(c) for c in labels], labels)
     images = generate(pipe, conditions, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                      batch_size=batch_size, progress=True)
+                      batch_size=batch_size, progress=True, guidance_interval=guidance_interval,
+                      guidance_rescale=guidance_rescale)
     pred = torch.cat([classifier(images[i:i + batch_size].float().cpu() * 2 - 1).argmax(1)
                       for i in range(0, len(images), batch_size)])
     if fid is not None:

@@ -57,8 +57,16 @@ class FrameworkLDMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, class_labels: int | list[int] | None = None,
                  negative_prompt: str | list[str] | None = None, num_images: int = 1, num_inference_steps: int = 20,
-                 guidance_scale: float = 4.0, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil"):
+                 guidance_scale: float = 5.0, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil",
+                 guidance_interval: tuple[float, float] | None = (0.5, 3.0), guidance_rescale: float = 0.0):
+        """``guidance_interval`` [sigma_lo, sigma_hi]: guidance only at the steps whose sigma = sqrt((1 - abar) / abar)
+        lies in (lo, hi], the conditional half alone elsewhere; ``guidance_rescale``: CFG rescale's phi (both as in
+        the framework's sampler; the defaults are ``ldm.diffusion.guidance``'s DEFAULT_CFG_SCALE and
+        DEFAULT_INTERVAL)."""
+        from ldm.diffusion.guidance import check_interval, check_rescale, combine, guides_at
+
+        interval, phi = check_interval(guidance_interval), check_rescale(guidance_rescale)
         n = len(prompt) if isinstance(prompt, list) else len(class_labels) if isinstance(class_labels, list) \
             else num_images
         cond = self.conditioner(self._condition(prompt, class_labels, n))
@@ -72,10 +80,14 @@ class FrameworkLDMPipeline(DiffusionPipeline):
         x = x.to(self.device) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
-            x_in = self.scheduler.scale_model_input(torch.cat([x, x]), t)
-            out = self.unet(x_in, t, encoder_hidden_states=both["context"], class_labels=both["y"]).sample
-            out_u, out_c = out.chunk(2)
-            x = self.scheduler.step(out_u + guidance_scale * (out_c - out_u), t, x, generator=generator).prev_sample
+            if guidance_scale != 1.0 and guides_at(float(self.scheduler.alphas_cumprod[int(t)]), interval):
+                x_in = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+                out = self.unet(x_in, t, encoder_hidden_states=both["context"], class_labels=both["y"]).sample
+                out = combine(*out.chunk(2), guidance_scale, phi)
+            else:  # the conditional half alone
+                x_in = self.scheduler.scale_model_input(x, t)
+                out = self.unet(x_in, t, encoder_hidden_states=cond["context"], class_labels=cond["y"]).sample
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
         view = (1, -1, 1, 1)
         z = x * torch.tensor(self.config.latent_std, device=x.device).view(view) + \
             torch.tensor(self.config.latent_mean, device=x.device).view(view)

@@ -13,6 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 from ldm.checkpoints import load_first_stage
 from ldm.conditioning.conditioner import Conditioner
 from ldm.diffusion.denoiser import check_prediction_for
+from ldm.diffusion.guidance import check_interval, check_rescale
 from ldm.diffusion.levels import make_levels
 from ldm.diffusion.objectives import diffusion_loss, min_snr_weight, training_target
 from ldm.diffusion.samplers import check_sampler
@@ -88,6 +89,8 @@ class LatentDiffusionStage(Stage):
         self.noise_offset = noise_offset
         sampling = dict(sampling or {})
         check_sampler(sampling.get("sampler", "dpmpp_2m"))  # unknown names fail here, not after training
+        check_interval(sampling.get("guidance_interval"), "model.sampling.guidance_interval")
+        check_rescale(sampling.get("guidance_rescale", 0.0), "model.sampling.guidance_rescale")
         make_levels(schedule, 2, spacing)
         self.unet, self.conditioner, self.schedule = unet, conditioner, schedule
         if init_from:  # fine-tuning: start from pretrained weights (a resumed run's checkpoint overrides them)
@@ -233,6 +236,7 @@ class LatentDiffusionStage(Stage):
                                  class_labels=s.get("class_labels") if "class_label" in keys else None,
                                  num_images=s.get("num_images", 1), sampler=s.get("sampler", "dpmpp_2m"),
                                  steps=s.get("steps", 20), cfg_scale=s.get("cfg_scale", 4.0), seed=s.get("seed", 0),
-                                 output_type="tensor")
+                                 guidance_interval=s.get("guidance_interval"),
+                                 guidance_rescale=s.get("guidance_rescale", 0.0), output_type="tensor")
         self.train(was_training)
         return {"samples": images[:max_images]}

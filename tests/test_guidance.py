@@ -1,0 +1,122 @@
+"""Guidance in a limited interval (Kynkäänniemi et al. 2024) and CFG rescale (Lin et al. 2024), against the papers'
+definitions, through the Denoiser, the pipeline, sample.py and the diffusers export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.guidance import check_interval, combine, guides_at, karras_sigma, rescale
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.training import build
+from tests.conftest import ROOT
+from tests.script_runner import run_script
+
+
+def test_the_interval_is_open_below_and_closed_above_in_karras_sigma():
+    assert karras_sigma(0.5) == pytest.approx(1.0) and karras_sigma(0.2) == pytest.approx(2.0)
+    assert karras_sigma(0.0) == math.inf
+    interval = (1.0, 2.0)  # sigma in (1, 2]
+    assert not guides_at(0.5, interval)          # sigma = 1: the open end
+    assert guides_at(0.2, interval)              # sigma = 2: the closed end
+    assert guides_at(1 / (1 + 1.5**2), interval) and not guides_at(0.1, interval) and not guides_at(0.9, interval)
+    assert guides_at(0.0, (0.5, math.inf)) and guides_at(0.7, None)
+    assert check_interval([0.3, "inf"]) == (0.3, math.inf)
+    for bad in ([2.0, 1.0], [-1, 1], [1], "wide"):
+        with pytest.raises(ValueError, match="guidance_interval="):
+            check_interval(bad)
+
+
+def test_cfg_rescale_is_lin_et_al_eq_15_16_and_diffusers_guidance_rescale():
+    gen = torch.Generator().manual_seed(0)
+    f_u, f_c = torch.randn(3, 4, 8, 8, generator=gen), 2 * torch.randn(3, 4, 8, 8, generator=gen) + 0.3
+    guided = f_u + 7.5 * (f_c - f_u)
+    std = lambda a: a.std(dim=(1, 2, 3), keepdim=True)  # noqa: E731
+    x_rescaled = guided * std(f_c) / std(guided)                       # eq. 15
+    torch.testing.assert_close(combine(f_u, f_c, 7.5, 0.7), 0.7 * x_rescaled + 0.3 * guided)   # eq. 16
+    torch.testing.assert_close(std(combine(f_u, f_c, 7.5, 1.0)), std(f_c))  # phi = 1: the conditional spread
+    torch.testing.assert_close(combine(f_u, f_c, 7.5, 0.0), guided)
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    torch.testing.assert_close(rescale(guided, f_c, 0.7), rescale_noise_cfg(guided, f_c, guidance_rescale=0.7))
+
+
+def test_outside_the_interval_the_denoiser_runs_the_conditional_half_alone():
+    sch = NoiseSchedule("scaled_linear")
+    batches = []
+
+    def net(x, t, c):
+        batches.append(len(x))
+        return x * 0.5 + c["y"].view(-1, 1, 1, 1)
+
+    cond, uncond = {"y": torch.ones(2, 1)}, {"y": torch.zeros(2, 1)}
+    x = torch.randn(2, 4, 8, 8)
+    inside, outside = 500, 20  # sigma ~ 1.6 and ~ 0.1
+    den = Denoiser(net, "v", sch, cond, uncond, 3.0, interval=(0.5, 5.0))
+    plain = Denoiser(net, "v", sch, cond, uncond, 3.0)
+    alone = Denoiser(net, "v", sch, cond, None, 1.0)
+    for t, expected, size in ((inside, plain, 4), (outside, alone, 2)):
+        a = float(sch.alphas_cumprod[t])
+        batches.clear()
+        out = den(x, t, a)
+        assert batches == [size]
+        torch.testing.assert_close(out, expected(x, t, a))
+    with pytest.raises(ValueError, match="guidance_rescale=1.5"):
+        Denoiser(net, "v", sch, cond, uncond, 3.0, rescale=1.5)
+
+
+def test_pipeline_interval_limits_guidance_and_saves_the_unconditional_half(make_ldm_cfg):
+    torch.manual_seed(0)
+    stage = build(make_ldm_cfg("ldm_f8", "model/conditioner=class").model)
+    with torch.no_grad():
+        for p in stage.unet.parameters():  # an output that depends on the condition (out is zero-initialised)
+            p.add_(torch.randn_like(p) * 0.05)
+    pipe = stage.pipeline()
+    sizes = []
+    hook = pipe.unet.register_forward_hook(lambda m, args, out: sizes.append(len(args[0])))
+    common = {"class_labels": [1, 2], "steps": 4, "cfg_scale": 4.0, "seed": 1, "output_type": "tensor"}
+    full = pipe(**common, guidance_interval=None)  # every step
+    assert sizes == [4] * 4
+    sizes.clear()
+    everywhere = pipe(**common, guidance_interval=[0.0, math.inf])
+    torch.testing.assert_close(everywhere, full)
+    nowhere = pipe(**common, guidance_interval=[100.0, 200.0])  # no level that high: conditional only
+    torch.testing.assert_close(nowhere, pipe(**(common | {"cfg_scale": 1.0})))
+    sizes.clear()
+    levels = pipe.noise_levels("dpmpp_2m", 4)
+    sigmas = [karras_sigma(float(a)) for a in levels.abar[:-1]]  # the levels the denoiser is called at
+    some = pipe(**common, guidance_interval=[0.5, 5.0])
+    assert sizes == [4 if 0.5 < s <= 5.0 else 2 for s in sigmas] and 2 in sizes and 4 in sizes, (sizes, sigmas)
+    assert not torch.allclose(some, full) and not torch.allclose(some, nowhere)
+    rescaled = pipe(**common, guidance_interval=None, guidance_rescale=0.7)
+    assert not torch.allclose(rescaled, full)
+    hook.remove()
+
+
+def test_sample_py_takes_the_interval_and_refuses_a_bad_one_in_one_line(tmp_path):
+    res = run_script(ROOT / "sample.py", "model_path=/nowhere", "guidance_interval=[5,1]", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "guidance_interval=[5, 1]: expected 0 <= sigma_lo < sigma_hi" in res.stderr
+    res = run_script(ROOT / "sample.py", "model_path=/nowhere", "guidance_rescale=2", cwd=tmp_path)
+    assert res.returncode == 2 and "guidance_rescale=2: expected a number in [0, 1]" in res.stderr
+
+
+def test_the_defaults_agree_everywhere_they_are_written():
+    import inspect
+
+    from ldm.diffusion.guidance import DEFAULT_CFG_SCALE, DEFAULT_INTERVAL
+    from ldm.interop.diffusers_components import FrameworkLDMPipeline
+    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.utils.config import compose
+
+    ours = inspect.signature(LatentDiffusionPipeline.__call__).parameters
+    exported = inspect.signature(FrameworkLDMPipeline.__call__).parameters
+    assert ours["cfg_scale"].default == exported["guidance_scale"].default == DEFAULT_CFG_SCALE
+    assert tuple(ours["guidance_interval"].default) == tuple(exported["guidance_interval"].default) == DEFAULT_INTERVAL
+    sample = compose([], config_name="sample")
+    grids = compose(["experiment=ldm_f8"]).model.sampling
+    for cfg in (sample, grids):
+        assert cfg.cfg_scale == DEFAULT_CFG_SCALE and tuple(cfg.guidance_interval) == DEFAULT_INTERVAL
