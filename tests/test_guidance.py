@@ -70,7 +70,7 @@ def test_outside_the_interval_the_denoiser_runs_the_conditional_half_alone():
 
 def test_pipeline_interval_limits_guidance_and_saves_the_unconditional_half(make_ldm_cfg):
     torch.manual_seed(0)
-    stage = build(make_ldm_cfg("ldm_f8", "model/conditioner=class").model)
+    stage = build(make_ldm_cfg("ldm_f8", "model/conditioner=class").model).eval()  # no conditioning dropout
     with torch.no_grad():
         for p in stage.unet.parameters():  # an output that depends on the condition (out is zero-initialised)
             p.add_(torch.randn_like(p) * 0.05)
