@@ -48,6 +48,18 @@ def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str, pr
     return md
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (its folder made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def line_plot(path: str | Path, x: list[float], series: dict[str, list[float | None]], xlabel: str,
               title: str, log2_x: bool = False) -> Path:
     """One panel per series (each has its own scale) against a shared x axis, saved as PNG."""
@@ -67,12 +79,7 @@ def line_plot(path: str | Path, x: list[float], series: dict[str, list[float | N
             ax.set_xscale("log", base=2)
             ax.set_xticks(x, [f"{v:g}" for v in x])
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_plot(path: str | Path, series: dict[str, list[tuple[float, float, str]]], front: list[tuple[float, float]],
@@ -97,9 +104,4 @@ def pareto_plot(path: str | Path, series: dict[str, list[tuple[float, float, str
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
