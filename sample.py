@@ -33,9 +33,13 @@ def sample(cfg: DictConfig) -> str:
     interval = _value(cfg.guidance_interval)
     LatentDiffusionPipeline.check_arguments(cfg.sampler, cfg.steps, cfg.cfg_scale, cfg.eta, cfg.num_images,
                                             cfg.batch_size, cfg.strength, cfg.init_image, cfg.mask,
-                                            guidance_interval=interval, guidance_rescale=cfg.guidance_rescale)
+                                            guidance_interval=interval, guidance_rescale=cfg.guidance_rescale,
+                                            autoguidance=cfg.autoguidance)
+    if (cfg.autoguidance != 1.0) != (cfg.guide_model is not None):
+        raise ValueError(f"autoguidance={cfg.autoguidance:g} with guide_model={cfg.guide_model}: set both (e.g. "
+                         "guide_model=exports/ldm_f8_guide autoguidance=2.5 cfg_scale=3) or neither")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = LatentDiffusionPipeline.from_pretrained(cfg.model_path, device=device, ema=cfg.ema)
+    pipe = LatentDiffusionPipeline.from_pretrained(cfg.model_path, device=device, ema=cfg.ema, guide=cfg.guide_model)
     prompt, labels = _value(cfg.prompt), _value(cfg.class_labels)
     if "caption" not in pipe.conditioner.input_keys:
         prompt = None
@@ -45,7 +49,7 @@ def sample(cfg: DictConfig) -> str:
                   num_images=cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
                   seed=cfg.seed, init_image=cfg.init_image, strength=cfg.strength, mask=cfg.mask, eta=cfg.eta,
                   batch_size=cfg.batch_size, progress=True, output_type="tensor", guidance_interval=interval,
-                  guidance_rescale=cfg.guidance_rescale)
+                  guidance_rescale=cfg.guidance_rescale, autoguidance=cfg.autoguidance)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = prompt if prompt is not None else labels

@@ -23,8 +23,14 @@ from PIL import Image
 from ldm.checkpoints import UNetAndConditioner, export_pipeline, instantiate_trusted, load_weights, read_pipeline
 from ldm.conditioning.conditioner import Conditioner
 from ldm.data.decode import to_rgb
-from ldm.diffusion.denoiser import Denoiser, check_prediction_for
-from ldm.diffusion.guidance import DEFAULT_CFG_SCALE, DEFAULT_INTERVAL, check_interval, check_rescale
+from ldm.diffusion.denoiser import AutoGuide, Denoiser, check_prediction_for
+from ldm.diffusion.guidance import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_INTERVAL,
+    check_autoguidance,
+    check_interval,
+    check_rescale,
+)
 from ldm.diffusion.levels import NoiseLevels, make_levels
 from ldm.diffusion.samplers import check_sampler, sample
 from ldm.diffusion.schedule import NoiseSchedule
@@ -90,6 +96,7 @@ class LatentDiffusionPipeline:
         self.latent_norm = latent_norm
         self.spacing = spacing
         self.config: dict[str, Any] = {}
+        self.guide: LatentDiffusionPipeline | None = None  # autoguidance's guide model (set_guide)
 
     @property
     def device(self) -> torch.device:
@@ -98,20 +105,50 @@ class LatentDiffusionPipeline:
     def to(self, device: str | torch.device) -> LatentDiffusionPipeline:
         for m in (self.unet, self.conditioner, self.first_stage):
             m.to(device)
+        if self.guide is not None:
+            self.guide.to(device)
         return self
 
     # ----- loading and export (ldm.checkpoints reads and writes the files) ----------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        ema: bool = True) -> LatentDiffusionPipeline:
-        """An exported folder or a Lightning checkpoint of the latent diffusion stage."""
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", ema: bool = True,
+                        guide: str | Path | None = None) -> LatentDiffusionPipeline:
+        """An exported folder or a Lightning checkpoint of the latent diffusion stage; ``guide``: another one, the
+        guide model of autoguidance (``set_guide``)."""
         model_cfg, first_stage, weights, source = read_pipeline(path, ema)
         pipe = cls._build(model_cfg, first_stage, source)
         load_weights(UNetAndConditioner(pipe.unet, pipe.conditioner), weights, source)
         pipe.to(device)
         for m in (pipe.unet, pipe.conditioner, pipe.first_stage):
             m.eval().requires_grad_(False)
+        if guide is not None:
+            pipe.set_guide(cls.from_pretrained(guide, device, ema), str(guide))
         return pipe
+
+    def set_guide(self, guide: LatentDiffusionPipeline | None, name: str = "guide") -> LatentDiffusionPipeline:
+        """Autoguidance's guide (Karras et al. 2024): a weaker model of the same task (``experiment=ldm_f8_guide``).
+        Refused unless it reads the same latents (first stage and normalisation), on the same noise schedule, from
+        the same kind of condition; ``name`` is what the errors call it."""
+        if guide is not None:
+            expected = ("autoguidance needs a guide trained on the model's latents (python train.py "
+                        "experiment=ldm_f8_guide model.first_stage=<the model's first stage>)")
+            mine, theirs = self.first_stage.state_dict(), guide.first_stage.state_dict()
+            if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k].to(mine[k].device))
+                                                   for k in mine):
+                raise ValueError(f"guide_model={name}: its first stage differs from the model's; {expected}")
+            if guide.latent_norm != self.latent_norm:
+                raise ValueError(f"guide_model={name}: latent_norm={guide.latent_norm}, the model's is "
+                                 f"{self.latent_norm}; {expected}")
+            a, b = self.schedule.alphas_cumprod, guide.schedule.alphas_cumprod
+            if a.shape != b.shape or not torch.allclose(a.cpu(), b.cpu()):
+                raise ValueError(f"guide_model={name}: its noise schedule differs from the model's (timestep t would "
+                                 "mean another noise level); train the guide with the model's model.schedule")
+            if guide.conditioner.input_keys != self.conditioner.input_keys:
+                raise ValueError(f"guide_model={name}: conditioned on {guide.conditioner.input_keys}, the model on "
+                                 f"{self.conditioner.input_keys}")
+            guide.to(self.device)
+        self.guide = guide
+        return self
 
     @classmethod
     def _build(cls, model_cfg: dict, first_stage: AutoencoderKL, source: str | Path) -> LatentDiffusionPipeline:
@@ -153,7 +190,7 @@ class LatentDiffusionPipeline:
                  init_image: ImageInput | None = None, strength: float = 0.8, mask: ImageInput | None = None,
                  eta: float | None = None, batch_size: int = 32, progress: bool = False,
                  output_type: str = "pil", guidance_interval: Sequence[float] | None = DEFAULT_INTERVAL,
-                 guidance_rescale: float = 0.0) -> list[Image.Image] | torch.Tensor:
+                 guidance_rescale: float = 0.0, autoguidance: float = 1.0) -> list[Image.Image] | torch.Tensor:
         """Generate ``num_images`` per prompt (or class label); returns PIL images or a [-1, 1] tensor.
 
         A class-conditional model given neither prompts nor labels samples every class. ``init_image`` +
@@ -164,10 +201,11 @@ class LatentDiffusionPipeline:
         ``guidance_interval`` [sigma_lo, sigma_hi] guides only the steps whose sigma = sqrt((1 - abar) / abar) lies
         in (lo, hi] (the others run the conditional half alone; None: every step); ``guidance_rescale`` is CFG
         rescale's phi. The default cfg and interval come from the guidance sweep (``ldm.diffusion.guidance``).
+        ``autoguidance`` w > 1 pushes every step away from the guide model's estimate (needs ``set_guide``).
         """
         request = self.check_inputs(prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale,
                                     strength, eta, batch_size, output_type, init_image, mask, guidance_interval,
-                                    guidance_rescale)
+                                    guidance_rescale, autoguidance)
         levels = self.noise_levels(sampler, steps, strength if init_image is not None else 1.0)
         init = self.prepare_init(init_image, mask)
         options = {"eta": eta} if eta is not None else {}
@@ -180,7 +218,8 @@ class LatentDiffusionPipeline:
                 if init is not None and len(levels) == 0:  # strength 0: the input's reconstruction
                     outputs.append(self.decode(init.latent.expand(len(idx), -1, -1, -1)))
                     continue
-                denoiser = self.encode_prompts(request, idx, cfg_scale, guidance_interval, guidance_rescale)
+                denoiser = self.encode_prompts(request, idx, cfg_scale, guidance_interval, guidance_rescale,
+                                               autoguidance)
                 x, noise = self.prepare_latents(idx, seed, levels, init)
                 gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + start)
                 z = sample(sampler, denoiser, x, levels, generator=gen, callback=lambda *_: bar.update(),
@@ -195,11 +234,12 @@ class LatentDiffusionPipeline:
                         num_images: int | None = None, batch_size: int = 32, strength: float = 0.8,
                         init_image: ImageInput | None = None, mask: ImageInput | None = None,
                         output_type: str = "pil", guidance_interval: Sequence[float] | None = DEFAULT_INTERVAL,
-                        guidance_rescale: float = 0.0) -> None:
+                        guidance_rescale: float = 0.0, autoguidance: float = 1.0) -> None:
         """The checks that need no model (sample.py runs them before loading one)."""
         check_sampler(sampler, {"eta": eta} if eta is not None else {})
         check_interval(guidance_interval)
         check_rescale(guidance_rescale)
+        check_autoguidance(autoguidance)
         require_int("steps", steps, 1)
         require_int("num_images", num_images, 1, optional=True)
         require_int("batch_size", batch_size, 1)
@@ -218,10 +258,14 @@ class LatentDiffusionPipeline:
 
     def check_inputs(self, prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale, strength,
                      eta, batch_size, output_type, init_image, mask, guidance_interval=None,
-                     guidance_rescale=0.0) -> _Request:
+                     guidance_rescale=0.0, autoguidance=1.0) -> _Request:
         """Every argument checked before any work; the per-image prompts/labels/negatives, expanded."""
         self.check_arguments(sampler, steps, cfg_scale, eta, num_images, batch_size, strength, init_image, mask,
-                             output_type, guidance_interval, guidance_rescale)
+                             output_type, guidance_interval, guidance_rescale, autoguidance)
+        if autoguidance != 1.0 and self.guide is None:
+            raise ValueError(f"autoguidance={autoguidance:g} needs a guide model: guide_model=PATH (sample.py) or "
+                             "LatentDiffusionPipeline.from_pretrained(..., guide=PATH); train one with python "
+                             "train.py experiment=ldm_f8_guide")
         keys = self.conditioner.input_keys
         if class_labels is not None and "class_label" not in keys:
             raise ValueError(f"class_labels given, but this model is conditioned on {keys}")
@@ -288,8 +332,10 @@ class LatentDiffusionPipeline:
         return init
 
     def encode_prompts(self, request: _Request, idx: list[int], cfg_scale: float,
-                       interval: Sequence[float] | None = None, rescale: float = 0.0) -> Denoiser:
-        """The guided denoiser for images ``idx``: their condition, and the null (or negative) one."""
+                       interval: Sequence[float] | None = None, rescale: float = 0.0,
+                       autoguidance: float = 1.0) -> Denoiser:
+        """The guided denoiser for images ``idx``: their condition, the null (or negative) one, and with
+        ``autoguidance`` > 1 the guide model's own encoding of their condition."""
         batch: dict[str, Any] = {}
         if request.prompts is not None:
             batch["caption"] = [request.prompts[i] for i in idx]
@@ -300,7 +346,11 @@ class LatentDiffusionPipeline:
         cond = self.conditioner(batch)
         negatives = {"caption": [request.negatives[i] for i in idx]} if request.negatives else None
         uncond = self.conditioner.uncond(len(idx), negatives)
-        return Denoiser(self.model_fn, self.prediction, self.schedule, cond, uncond, cfg_scale, interval, rescale)
+        guide = None
+        if autoguidance != 1.0 and self.guide is not None:
+            guide = AutoGuide(self.guide.model_fn, self.guide.prediction, self.guide.conditioner(batch), autoguidance)
+        return Denoiser(self.model_fn, self.prediction, self.schedule, cond, uncond, cfg_scale, interval, rescale,
+                        guide)
 
     def prepare_latents(self, idx: list[int], seed: int, levels: NoiseLevels,
                         init: _Init | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,15 +1,18 @@
-"""Sample quality vs guidance for one model: cfg scale x guidance interval x CFG rescale x EMA width.
+"""Sample quality vs guidance for one model: cfg scale x guidance interval x CFG rescale x EMA width x autoguidance.
 
     python scripts/guidance_sweep.py --model exports/ldm_f8 --scales 1 1.5 2 3 4 --num-samples 500
     python scripts/guidance_sweep.py --model exports/ldm_f8 --scales 1 1.5 2 3 4 --intervals off 0.3,5 1,inf \\
         --run logs/ldm_f8/runs/<run> --sigma-rels 0.05 0.1 0.15 --num-samples 500
+    python scripts/guidance_sweep.py --model exports/ldm_f8 --guide exports/ldm_f8_guide --autoguidance 1 2 2.5 \
+        --scales 1 3 --intervals 0.5,3 --num-samples 500
 
 For each setting it generates one sample per reference condition (captions/labels of the first --num-samples test
 images) and reports FID against those images (offline classifier features by default; --extractor inception for
 the standard FID), the classifier's accuracy on the prompted classes and, with --clip-arch, CLIP score.
 --intervals: guidance only where sigma = sqrt((1-abar)/abar) lies in (lo, hi] ("lo,hi"; "off": every step);
 --rescales: CFG rescale's phi; --sigma-rels: post-hoc EMA widths reconstructed from --run's snapshots (besides the
-export's own EMA). Cfg 1 is no guidance: it is run once per EMA. The table marks the Pareto front (lower FID and
+export's own EMA); --autoguidance: the weights w of --guide's model (autoguidance, Karras et al. 2024; 1: off).
+Cfg 1 is no guidance: it is run once per EMA and autoguidance weight. The table marks the Pareto front (lower FID and
 higher accuracy) and says, for every cfg of the plain setting (export EMA, no interval, no rescale), which other
 setting beats it on both. Writes <out>/guidance_sweep.{md,csv,png} (the plot: accuracy against FID).
 """
@@ -17,6 +20,7 @@ setting beats it on both. Writes <out>/guidance_sweep.{md,csv,png} (the plot: ac
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import time
@@ -30,7 +34,7 @@ from ldm.evaluation.report import pareto_plot, write_table
 from ldm.pipeline import LatentDiffusionPipeline
 
 log = logging.getLogger("guidance_sweep")
-PLAIN = ("export", "off", 0.0)
+PLAIN = ("export", "off", 0.0, 1.0)
 
 
 def parse_interval(text: str) -> tuple[float, float] | None:
@@ -72,6 +76,8 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="the model's run folder, for --sigma-rels")
     parser.add_argument("--sigma-rels", type=float, nargs="*", default=[])
     parser.add_argument("--skip-export-ema", action="store_true", help="only the --sigma-rels widths")
+    parser.add_argument("--guide", default=None, help="autoguidance's guide model (exported folder or .ckpt)")
+    parser.add_argument("--autoguidance", type=float, nargs="+", default=[1.0], help="weights w for --guide")
     parser.add_argument("--merge", nargs="+", default=None, metavar="CSV",
                         help="tabulate the rows of earlier sweeps' guidance_sweep.csv files together (no sampling)")
     parser.add_argument("--out", default="reports/guidance_sweep")
@@ -79,6 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.sigma_rels and not args.run:
         parser.error("--sigma-rels needs --run (the folder whose posthoc_ema/ snapshots to reconstruct from)")
+    if any(w != 1.0 for w in args.autoguidance) and not args.guide:
+        parser.error("--autoguidance other than 1 needs --guide (the guide model: experiment=ldm_f8_guide)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     rows = read_rows(args.merge) if args.merge else sweep(args)
@@ -86,7 +94,8 @@ def main() -> None:
     preamble = (f"Model {args.model}; {args.num_samples} samples per setting for the conditions of the first "
                 f"{args.num_samples} images of {args.reference}; {args.sampler}, {args.steps} steps, seed "
                 f"{args.seed}. FID feature space: {args.extractor}. class_accuracy in %. interval: guidance only where "
-                "sigma = sqrt((1-abar)/abar) is in it. pareto: not beaten on both FID and accuracy by another row."
+                "sigma = sqrt((1-abar)/abar) is in it. autoguidance: the weight of the guide model "
+                f"({args.guide or 'none'}; 1: off). pareto: not beaten on both FID and accuracy by another row."
                 + findings)
     md = write_table(rows, args.out, "guidance_sweep", "Sample quality vs guidance", preamble)
     print(md.read_text())
@@ -102,11 +111,11 @@ def read_rows(paths: list[str]) -> list[dict]:
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
                 row.pop("pareto", None)
-                row = {"EMA": "export", "interval": "off", "rescale": "0"} | row  # a cfg-only sweep's rows
+                row = {"EMA": "export", "interval": "off", "rescale": "0", "autoguidance": "1"} | row  # older sweeps
                 for key in row:
                     if key.startswith(("fid", "class_accuracy", "clip")):
                         row[key] = float(row[key])
-                setting = (row["EMA"], row["interval"], row["rescale"], row["cfg scale"])
+                setting = (row["EMA"], row["interval"], row["rescale"], row["autoguidance"], row["cfg scale"])
                 if setting not in seen:  # a setting measured twice: its first row
                     seen.add(setting)
                     rows.append(row)
@@ -114,7 +123,7 @@ def read_rows(paths: list[str]) -> list[dict]:
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, guide=args.guide)
     judge = judge_from_args(args)
     trained = {**{f"unet.{k}": v for k, v in pipe.unet.state_dict().items()},
                **{f"conditioner.{k}": v for k, v in pipe.conditioner.state_dict().items()}}
@@ -124,20 +133,19 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         with torch.no_grad():
             for name, value in (weights or export_weights).items():
                 trained[name].copy_(value)
-        for interval in args.intervals:
-            for phi in args.rescales:
-                for scale in args.scales:
-                    if scale == 1.0 and (interval is not None or phi != 0.0):
-                        continue  # no guidance: the same samples as cfg 1 without interval or rescale
-                    start = time.perf_counter()
-                    scores = judge(pipe, cfg_scale=scale, guidance_interval=interval, guidance_rescale=phi,
-                                   **sampling_from_args(args))
-                    row = {"EMA": ema, "interval": interval_name(interval), "rescale": f"{phi:g}",
-                           "cfg scale": f"{scale:g}"} | {k: round(v * 100, 2) if k == "class_accuracy"
-                                                          else round(v, 3) for k, v in scores.items()}
-                    row["seconds"] = round(time.perf_counter() - start)
-                    rows.append(row)
-                    log.info("%s", row)
+        for interval, phi, w, scale in itertools.product(args.intervals, args.rescales, args.autoguidance,
+                                                         args.scales):
+            if scale == 1.0 and (interval is not None or phi != 0.0):
+                continue  # no classifier-free guidance: the same samples as cfg 1 without interval or rescale
+            start = time.perf_counter()
+            scores = judge(pipe, cfg_scale=scale, guidance_interval=interval, guidance_rescale=phi, autoguidance=w,
+                           **sampling_from_args(args))
+            row = {"EMA": ema, "interval": interval_name(interval), "rescale": f"{phi:g}", "autoguidance": f"{w:g}",
+                   "cfg scale": f"{scale:g}"} | {k: round(v * 100, 2) if k == "class_accuracy" else round(v, 3)
+                                                 for k, v in scores.items()}
+            row["seconds"] = round(time.perf_counter() - start)
+            rows.append(row)
+            log.info("%s", row)
     return rows
 
 
@@ -152,21 +160,23 @@ def pareto_findings(rows: list[dict], args: argparse.Namespace) -> tuple[str, ob
         r["pareto"] = "yes" if i in front else ""
     lines = []
     for i, r in enumerate(rows):
-        if (r["EMA"], r["interval"], float(r["rescale"])) != PLAIN:
+        if (r["EMA"], r["interval"], float(r["rescale"]), float(r["autoguidance"])) != PLAIN:
             continue
         better = [j for j, p in enumerate(points) if dominates(p, points[i])]
         best = min(better, key=lambda j: points[j][0]) if better else None
         lines.append(f"- cfg {r['cfg scale']}: FID {points[i][0]:.2f}, accuracy {points[i][1]:.1f}% -> "
                      + (f"beaten by {rows[best]['EMA']}, interval {rows[best]['interval']}, rescale "
-                        f"{rows[best]['rescale']}, cfg {rows[best]['cfg scale']} (FID {points[best][0]:.2f}, "
+                        f"{rows[best]['rescale']}, autoguidance {rows[best]['autoguidance']}, cfg "
+                        f"{rows[best]['cfg scale']} (FID {points[best][0]:.2f}, "
                         f"accuracy {points[best][1]:.1f}%)" if best is not None else "not beaten on both"))
     series: dict[str, list] = {}
     for r, p in zip(rows, points, strict=True):
-        series.setdefault(f"{r['EMA']}, interval {r['interval']}, rescale {r['rescale']}", []).append(
+        series.setdefault(f"{r['EMA']}, interval {r['interval']}, rescale {r['rescale']}, autoguidance "
+                          f"{r['autoguidance']}", []).append(
             (p[0], p[1], r["cfg scale"]))
     png = pareto_plot(f"{args.out}/guidance_sweep.png", series, [points[i] for i in front],
                       f"{args.model}: accuracy vs FID")
-    return "\n\nThe plain setting (export EMA, no interval, no rescale) at each cfg:\n" + "\n".join(lines), png
+    return "\n\nThe plain setting (export EMA, no interval, no rescale, no autoguidance) at each cfg:\n" + "\n".join(lines), png
 
 if __name__ == "__main__":
     main()

@@ -225,11 +225,18 @@ def test_ablation_report_and_guidance_sweep_write_tables_and_plots(tiny_exports,
     if float(rows[1]["class acc %"]) < 20:
         assert "too short" in md and not (tmp_path / "ablation" / "generation_vs_f.png").exists()
 
+    # The model as its own autoguidance guide: D_c - D_guide = 0, so weight 2 must give weight 1's samples.
     res = _script("scripts/guidance_sweep.py", "--model", str(tiny_exports / "ldm_f8"), "--scales", "1", "3",
-                  "--intervals", "off", "0.5,3", "--out", str(tmp_path / "sweep"), *common)
+                  "--intervals", "off", "0.5,3", "--guide", str(tiny_exports / "ldm_f8"), "--autoguidance", "1", "2",
+                  "--out", str(tmp_path / "sweep"), *common)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "sweep" / "guidance_sweep.csv")))
+    all_rows = list(csv.DictReader(open(tmp_path / "sweep" / "guidance_sweep.csv")))
+    rows = [r for r in all_rows if r["autoguidance"] == "1"]
     assert [(r["cfg scale"], r["interval"]) for r in rows] == [("1", "off"), ("3", "off"), ("3", "(0.5, 3]")]
+    same_guide = [r for r in all_rows if r["autoguidance"] == "2"]
+    assert [(r["fid_classifier"], r["class_accuracy"]) for r in same_guide] == \
+        [(r["fid_classifier"], r["class_accuracy"]) for r in rows]
+    rows = all_rows
     assert all(float(r["fid_classifier"]) > 0 and 0 <= float(r["class_accuracy"]) <= 100 for r in rows)
     assert "yes" in [r["pareto"] for r in rows] and (tmp_path / "sweep" / "guidance_sweep.png").is_file()
     res = _script("scripts/guidance_sweep.py", "--merge", str(tmp_path / "sweep" / "guidance_sweep.csv"),

@@ -1,5 +1,6 @@
-"""Guidance in a limited interval (Kynkäänniemi et al. 2024) and CFG rescale (Lin et al. 2024), against the papers'
-definitions, through the Denoiser, the pipeline, sample.py and the diffusers export."""
+"""Guidance in a limited interval (Kynkäänniemi et al. 2024), CFG rescale (Lin et al. 2024) and autoguidance
+(Karras et al. 2024), against the papers' definitions, through the Denoiser, the pipeline, sample.py and the
+diffusers export."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.denoiser import AutoGuide, Denoiser, denoised
 from ldm.diffusion.guidance import check_interval, combine, guides_at, karras_sigma, rescale
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.training import build
@@ -68,6 +69,57 @@ def test_outside_the_interval_the_denoiser_runs_the_conditional_half_alone():
         Denoiser(net, "v", sch, cond, uncond, 3.0, rescale=1.5)
 
 
+def test_autoguidance_is_karras_eq_2_in_x0_space_for_any_guide_prediction():
+    sch = NoiseSchedule("scaled_linear")
+    main = lambda x, t, c: 0.3 * x + c["y"].view(-1, 1, 1, 1)  # noqa: E731 (eps)
+    guide_calls = []
+
+    def guide_net(x, t, c):  # v prediction, its own condition
+        guide_calls.append(len(x))
+        return -0.2 * x + c["y"].view(-1, 1, 1, 1)
+
+    cond, uncond, gcond = {"y": torch.ones(2, 1)}, {"y": torch.zeros(2, 1)}, {"y": torch.full((2, 1), 0.5)}
+    x, t = torch.randn(2, 4, 8, 8), 400
+    a = float(sch.alphas_cumprod[t])
+    d_c, d_u = denoised("eps", x, main(x, None, cond), a), denoised("eps", x, main(x, None, uncond), a)
+    d_g = denoised("v", x, guide_net(x, None, gcond), a)
+    ag = Denoiser(main, "eps", sch, cond, uncond, 1.0, guide=AutoGuide(guide_net, "v", gcond, 2.5))
+    torch.testing.assert_close(ag(x, t, a), d_g + 2.5 * (d_c - d_g))  # eq. 2: D_g + w (D_c - D_g)
+    both = Denoiser(main, "eps", sch, cond, uncond, 3.0, guide=AutoGuide(guide_net, "v", gcond, 2.0))
+    torch.testing.assert_close(both(x, t, a), d_u + 3.0 * (d_c - d_u) + (d_c - d_g))
+    guide_calls.clear()
+    off = Denoiser(main, "eps", sch, cond, uncond, 3.0, guide=AutoGuide(guide_net, "v", gcond, 1.0))
+    torch.testing.assert_close(off(x, t, a), d_u + 3.0 * (d_c - d_u))
+    assert guide_calls == []  # weight 1: the guide is never run
+    with pytest.raises(ValueError, match="autoguidance=0.5: expected a number in"):
+        Denoiser(main, "eps", sch, cond, uncond, guide=AutoGuide(guide_net, "v", gcond, 0.5))
+
+
+def test_pipeline_autoguidance_needs_a_guide_of_the_same_latents(make_ldm_cfg):
+    torch.manual_seed(0)
+    cfg = make_ldm_cfg("ldm_f8", "model/conditioner=class")
+    pipe, guide = (build(cfg.model).eval().pipeline() for _ in range(2))
+    with torch.no_grad():
+        for p in [*pipe.unet.parameters(), *guide.unet.parameters()]:  # outputs that differ (out is zero-initialised)
+            p.add_(torch.randn_like(p) * 0.05)
+    common = {"class_labels": [1, 2], "steps": 3, "cfg_scale": 2.0, "seed": 1, "output_type": "tensor"}
+    with pytest.raises(ValueError, match="autoguidance=2 needs a guide model: guide_model=PATH"):
+        pipe(**common, autoguidance=2.0)
+    plain = pipe(**common)
+    pipe.set_guide(guide)
+    torch.testing.assert_close(pipe(**common), plain)  # autoguidance 1: the guide is unused
+    guided = pipe(**common, autoguidance=2.0)
+    assert not torch.allclose(guided, plain)
+    itself = pipe.__class__(pipe.unet, pipe.conditioner, pipe.first_stage, pipe.schedule, prediction=pipe.prediction,
+                            latent_norm=pipe.latent_norm)
+    pipe.set_guide(itself)  # the model as its own guide: D_c - D_guide = 0
+    torch.testing.assert_close(pipe(**common, autoguidance=2.0), plain)
+    with torch.no_grad():
+        next(guide.first_stage.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="guide_model=other: its first stage differs from the model's"):
+        pipe.set_guide(guide, "other")
+
+
 def test_pipeline_interval_limits_guidance_and_saves_the_unconditional_half(make_ldm_cfg):
     torch.manual_seed(0)
     stage = build(make_ldm_cfg("ldm_f8", "model/conditioner=class").model).eval()  # no conditioning dropout
@@ -102,6 +154,8 @@ def test_sample_py_takes_the_interval_and_refuses_a_bad_one_in_one_line(tmp_path
     assert "guidance_interval=[5, 1]: expected 0 <= sigma_lo < sigma_hi" in res.stderr
     res = run_script(ROOT / "sample.py", "model_path=/nowhere", "guidance_rescale=2", cwd=tmp_path)
     assert res.returncode == 2 and "guidance_rescale=2: expected a number in [0, 1]" in res.stderr
+    res = run_script(ROOT / "sample.py", "model_path=/nowhere", "autoguidance=2.5", cwd=tmp_path)
+    assert res.returncode == 2 and "autoguidance=2.5 with guide_model=None: set both" in res.stderr
 
 
 def test_the_defaults_agree_everywhere_they_are_written():

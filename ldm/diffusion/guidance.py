@@ -9,7 +9,12 @@
 - CFG rescale (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", eq. 15-16):
   f_rescaled = f * std(f_c) / std(f) per sample, f_final = phi f_rescaled + (1 - phi) f, which pulls the guided
   output's spread back to the conditional one's (high scales over-expose otherwise). It acts on the network's raw
-  output (eps or v), as the paper's implementation and diffusers' ``guidance_rescale`` do.
+  output (eps or v), as the paper's implementation and diffusers' ``guidance_rescale`` do;
+- autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself", eq. 2): the
+  conditional estimate pushed away from a weaker guide model's estimate of the same condition,
+  D_w = D_g + w (D_c - D_g) = D_c + (w - 1)(D_c - D_g), added here to the (classifier-free) guided D. The guide is
+  a smaller, shorter-trained model of the same latents (``experiment=ldm_f8_guide``); combined in x0 space, so the
+  guide may predict eps, v or x0 independently of the main model.
 """
 
 from __future__ import annotations
@@ -85,6 +90,29 @@ def combine(f_u: torch.Tensor, f_c: torch.Tensor, scale: float, phi: float = 0.0
     return rescale(f_u + scale * (f_c - f_u), f_c, phi)
 
 
+def check_autoguidance(scale: float, key: str = "autoguidance") -> float:
+    if not isinstance(scale, int | float) or isinstance(scale, bool) or not 1.0 <= scale <= 20.0:
+        raise ValueError(f"{key}={scale!r}: expected a number in [1, 20] (1: off; the sweep's choice with the "
+                         "ldm_f8_guide model: 2.5)")
+    return float(scale)
+
+
+def autoguide(denoised: torch.Tensor, d_cond: torch.Tensor, d_guide: torch.Tensor, scale: float) -> torch.Tensor:
+    """Karras et al. 2024 eq. 2 added to ``denoised``: + (w - 1)(D_c - D_guide); ``denoised`` = D_c gives theirs."""
+    return denoised + (scale - 1.0) * (d_cond - d_guide)
+
+
+def guided_halves(fn: ConditionalFn, cond: Condition, uncond: Condition | None, scale: float, phi: float,
+                  x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_c, f): the conditional output and the guided one (f = f_c without ``uncond`` or at scale 1)."""
+    if uncond is None or scale == 1.0:
+        f_c = fn(x, t, cond)
+        return f_c, f_c
+    both = {k: _cat(uncond.get(k), cond.get(k)) for k in cond.keys() | uncond.keys()}
+    f_u, f_c = fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    return f_c, combine(f_u, f_c, scale, phi)
+
+
 def cfg(fn: ConditionalFn, cond: Condition, uncond: Condition | None, scale: float, phi: float = 0.0
         ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``(x_t, t) -> f`` guided with ``scale``, for any ``fn(x, t, condition)`` returning the network's raw output.
@@ -92,12 +120,4 @@ def cfg(fn: ConditionalFn, cond: Condition, uncond: Condition | None, scale: flo
     ``cond``/``uncond`` are condition dicts (``context``, ``y``) for the batch. A negative prompt is simply its
     condition passed as ``uncond``. Scale 1 (or no ``uncond``) runs the conditional pass alone.
     """
-    if uncond is None or scale == 1.0:
-        return lambda x, t: fn(x, t, cond)
-    both = {k: _cat(uncond.get(k), cond.get(k)) for k in cond.keys() | uncond.keys()}
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        f_u, f_c = fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return combine(f_u, f_c, scale, phi)
-
-    return guided
+    return lambda x, t: guided_halves(fn, cond, uncond, scale, phi, x, t)[1]

@@ -31,15 +31,18 @@ class Conditions:
 
 def generate(pipe: LatentDiffusionPipeline, conditions: Conditions, *, sampler: str = "dpmpp_2m", steps: int = 20,
              cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 100, progress: bool = False,
-             guidance_interval: Sequence[float] | None = None, guidance_rescale: float = 0.0) -> torch.Tensor:
+             guidance_interval: Sequence[float] | None = None, guidance_rescale: float = 0.0,
+             autoguidance: float = 1.0) -> torch.Tensor:
     """One sample per condition, in [0, 1]; the model gets the inputs it was trained on (text or labels).
     Sample ``i`` starts from the noise of seed ``seed + i``; ``progress`` reports the sampling (bar or log lines).
-    Guidance as given (here at every step unless ``guidance_interval`` says otherwise): evaluations state it."""
+    Guidance as given (here at every step unless ``guidance_interval`` says otherwise; ``autoguidance`` needs the
+    pipeline's guide model): evaluations state it."""
     keys = pipe.conditioner.input_keys
     images = pipe(prompt=conditions.captions if "caption" in keys else None,
                   class_labels=conditions.labels if "class_label" in keys else None, num_images=1, sampler=sampler,
                   steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, output_type="tensor",
-                  progress=progress, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale)
+                  progress=progress, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale,
+                  autoguidance=autoguidance)
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
