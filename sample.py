@@ -37,7 +37,7 @@ def sample(cfg: DictConfig) -> str:
                                             autoguidance=cfg.autoguidance)
     if (cfg.autoguidance != 1.0) != (cfg.guide_model is not None):
         raise ValueError(f"autoguidance={cfg.autoguidance:g} with guide_model={cfg.guide_model}: set both (e.g. "
-                         "guide_model=exports/ldm_f8_guide autoguidance=2.5 cfg_scale=3) or neither")
+                         "guide_model=exports/ldm_f8_guide autoguidance=2.5 cfg_scale=3.5) or neither")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model_path, device=device, ema=cfg.ema, guide=cfg.guide_model)
     prompt, labels = _value(cfg.prompt), _value(cfg.class_labels)

@@ -176,7 +176,8 @@ def pareto_findings(rows: list[dict], args: argparse.Namespace) -> tuple[str, ob
             (p[0], p[1], r["cfg scale"]))
     png = pareto_plot(f"{args.out}/guidance_sweep.png", series, [points[i] for i in front],
                       f"{args.model}: accuracy vs FID")
-    return "\n\nThe plain setting (export EMA, no interval, no rescale, no autoguidance) at each cfg:\n" + "\n".join(lines), png
+    intro = "\n\nThe plain setting (export EMA, no interval, no rescale, no autoguidance) at each cfg:\n"
+    return intro + "\n".join(lines), png
 
 if __name__ == "__main__":
     main()
