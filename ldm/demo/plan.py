@@ -41,7 +41,7 @@ class Settings:
     val_images: int = 2_000          # data.val_limit: the validation subset stage 2 caches
     grid_images: int = 80            # sample.py's grid: 8 per class
     judge_per_class: int = 50        # the closing accuracy table: 500 samples, at the defaults and at baseline_cfg
-    baseline_cfg: float = 1.5        # the cfg-only sweep's lowest FID (benchmarks/results/guidance_sweep_before.md)
+    baseline_cfg: float = 1.5        # the cfg-only sweep's lowest FID (benchmarks/results/guidance_sweep/before.md)
     sampling_steps: int = 20
     classifier_epochs: int = 2       # when no classifier export exists yet
     need_shards: bool = True

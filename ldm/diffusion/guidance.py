@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 # The defaults of sample.py, the pipeline, the training-time grids and make demo: chosen by the guidance sweep on a
-# demo export (benchmarks/results/guidance_sweep_after.md): at cfg 5 with guidance in (0.5, 3], the samples' FID
+# demo export (benchmarks/results/guidance_sweep/after.md): at cfg 5 with guidance in (0.5, 3], the samples' FID
 # fell from 44.7 (cfg 4 at every step, the former default) to 27.3 with class accuracy 97.0% (was 98.2%).
 DEFAULT_CFG_SCALE = 5.0
 DEFAULT_INTERVAL = (0.5, 3.0)
