@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import ldm.utils.config  # noqa: F401  (resolvers)
+from ldm.diffusion.guidance import default_guidance
 from ldm.pipeline import LatentDiffusionPipeline, to_pil
 from ldm.utils.entry import hydra_run_dir, run_or_report
 
@@ -35,21 +36,22 @@ def sample(cfg: DictConfig) -> str:
                                             cfg.batch_size, cfg.strength, cfg.init_image, cfg.mask,
                                             guidance_interval=interval, guidance_rescale=cfg.guidance_rescale,
                                             autoguidance=cfg.autoguidance)
-    if (cfg.autoguidance != 1.0) != (cfg.guide_model is not None):
-        raise ValueError(f"autoguidance={cfg.autoguidance:g} with guide_model={cfg.guide_model}: set both (e.g. "
-                         "guide_model=exports/ldm_f8_guide autoguidance=2.5 cfg_scale=3.5) or neither")
+    if cfg.autoguidance not in (None, 1.0) and cfg.guide_model is None:
+        raise ValueError(f"autoguidance={cfg.autoguidance:g} with guide_model=null: autoguidance needs a guide model "
+                         "(guide_model=auto: the one exported with the model, or guide_model=PATH)")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(cfg.model_path, device=device, ema=cfg.ema, guide=cfg.guide_model)
+    cfg_scale, autoguidance = default_guidance(pipe.guide is not None, cfg.cfg_scale, cfg.autoguidance)
     prompt, labels = _value(cfg.prompt), _value(cfg.class_labels)
     if "caption" not in pipe.conditioner.input_keys:
         prompt = None
     if labels is None and prompt is None and "class_label" in pipe.conditioner.input_keys:
         labels = list(range(pipe.num_classes()))  # every class, one grid row each
     images = pipe(prompt=prompt, negative_prompt=cfg.negative_prompt, class_labels=labels,
-                  num_images=cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                  num_images=cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg_scale,
                   seed=cfg.seed, init_image=cfg.init_image, strength=cfg.strength, mask=cfg.mask, eta=cfg.eta,
                   batch_size=cfg.batch_size, progress=True, output_type="tensor", guidance_interval=interval,
-                  guidance_rescale=cfg.guidance_rescale, autoguidance=cfg.autoguidance)
+                  guidance_rescale=cfg.guidance_rescale, autoguidance=autoguidance)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = prompt if prompt is not None else labels
@@ -61,8 +63,9 @@ def sample(cfg: DictConfig) -> str:
     grid = make_grid(images.float().cpu(), nrow=cfg.num_images, padding=2, pad_value=1.0)
     grid_path = out / "grid.png"
     to_pil(grid[None])[0].save(grid_path)
-    log.info("%d images from %s (%s, %d steps, cfg %.1f)", len(images), cfg.model_path, cfg.sampler, cfg.steps,
-             cfg.cfg_scale)
+    guide = f", autoguidance {autoguidance:g} by {pipe.guide.source}" if autoguidance != 1.0 else ""
+    log.info("%d images from %s (%s, %d steps, cfg %g%s)", len(images), cfg.model_path, cfg.sampler, cfg.steps,
+             cfg_scale, guide)
     print(f"sample grid: {grid_path}")
     return str(grid_path)
 

@@ -71,7 +71,7 @@ def main() -> None:
         args.model, args.rounds, args.speed_only = str(make_smoke_pipeline(smoke / "ldm_smoke")), 1, True
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, guide=None)  # the samplers alone, as diffusers runs them
     sch = pipe.config["schedule"]
     common = dict(num_train_timesteps=sch["num_timesteps"], beta_start=sch["beta_start"], beta_end=sch["beta_end"],
                   beta_schedule=sch["kind"], timestep_spacing=pipe.spacing,

@@ -28,6 +28,7 @@ from ldm.utils.files import CONFIG, WEIGHTS
 log = logging.getLogger(__name__)
 
 FIRST_STAGE = "first_stage"
+GUIDE = "guide"  # an export's autoguidance guide model, itself an export (experiment=ldm_f8_guide writes it)
 
 
 def _made_by(folder: Path) -> str | None:
@@ -155,6 +156,14 @@ def read_export_config(path: str | Path, kind: str, make_hint: str = "") -> tupl
     if found != kind:
         raise ValueError(f"{folder} holds a '{found}' export, not a '{kind}'")
     return folder, cfg
+
+
+def bundled_guide(path: str | Path) -> Path | None:
+    """The guide model exported with the latent diffusion export at ``path`` (``<path>/guide``), if it has one."""
+    path = Path(path)
+    folder = path.parent if path.name == WEIGHTS else path
+    guide = folder / GUIDE
+    return guide if folder.is_dir() and (guide / CONFIG).is_file() else None
 
 
 def load_pickle_safely(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu") -> Any:

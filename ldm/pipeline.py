@@ -20,16 +20,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.checkpoints import UNetAndConditioner, export_pipeline, instantiate_trusted, load_weights, read_pipeline
+from ldm.checkpoints import (
+    UNetAndConditioner,
+    bundled_guide,
+    export_pipeline,
+    instantiate_trusted,
+    load_weights,
+    read_pipeline,
+)
 from ldm.conditioning.conditioner import Conditioner
 from ldm.data.decode import to_rgb
 from ldm.diffusion.denoiser import AutoGuide, Denoiser, check_prediction_for
 from ldm.diffusion.guidance import (
-    DEFAULT_CFG_SCALE,
     DEFAULT_INTERVAL,
     check_autoguidance,
     check_interval,
     check_rescale,
+    default_guidance,
 )
 from ldm.diffusion.levels import NoiseLevels, make_levels
 from ldm.diffusion.samplers import check_sampler, sample
@@ -97,6 +104,7 @@ class LatentDiffusionPipeline:
         self.spacing = spacing
         self.config: dict[str, Any] = {}
         self.guide: LatentDiffusionPipeline | None = None  # autoguidance's guide model (set_guide)
+        self.source = "in memory"  # the folder or .ckpt it was loaded from (from_pretrained)
 
     @property
     def device(self) -> torch.device:
@@ -112,20 +120,24 @@ class LatentDiffusionPipeline:
     # ----- loading and export (ldm.checkpoints reads and writes the files) ----------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", ema: bool = True,
-                        guide: str | Path | None = None) -> LatentDiffusionPipeline:
+                        guide: str | Path | None = "auto") -> LatentDiffusionPipeline:
         """An exported folder or a Lightning checkpoint of the latent diffusion stage; ``guide``: another one, the
-        guide model of autoguidance (``set_guide``)."""
+        guide model of autoguidance (``set_guide``); "auto": the one exported with the model (``<path>/guide``,
+        none if it has none); None: no guide."""
         model_cfg, first_stage, weights, source = read_pipeline(path, ema)
         pipe = cls._build(model_cfg, first_stage, source)
         load_weights(UNetAndConditioner(pipe.unet, pipe.conditioner), weights, source)
+        pipe.source = str(path)
         pipe.to(device)
         for m in (pipe.unet, pipe.conditioner, pipe.first_stage):
             m.eval().requires_grad_(False)
+        if guide == "auto":
+            guide = bundled_guide(path)
         if guide is not None:
-            pipe.set_guide(cls.from_pretrained(guide, device, ema), str(guide))
+            pipe.set_guide(cls.from_pretrained(guide, device, ema, guide=None), f"guide_model={guide}")
         return pipe
 
-    def set_guide(self, guide: LatentDiffusionPipeline | None, name: str = "guide") -> LatentDiffusionPipeline:
+    def set_guide(self, guide: LatentDiffusionPipeline | None, name: str = "guide_model") -> LatentDiffusionPipeline:
         """Autoguidance's guide (Karras et al. 2024): a weaker model of the same task (``experiment=ldm_f8_guide``).
         Refused unless it reads the same latents (first stage and normalisation), on the same noise schedule, from
         the same kind of condition; ``name`` is what the errors call it."""
@@ -135,16 +147,16 @@ class LatentDiffusionPipeline:
             mine, theirs = self.first_stage.state_dict(), guide.first_stage.state_dict()
             if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k].to(mine[k].device))
                                                    for k in mine):
-                raise ValueError(f"guide_model={name}: its first stage differs from the model's; {expected}")
+                raise ValueError(f"{name}: its first stage differs from the model's; {expected}")
             if guide.latent_norm != self.latent_norm:
-                raise ValueError(f"guide_model={name}: latent_norm={guide.latent_norm}, the model's is "
+                raise ValueError(f"{name}: latent_norm={guide.latent_norm}, the model's is "
                                  f"{self.latent_norm}; {expected}")
             a, b = self.schedule.alphas_cumprod, guide.schedule.alphas_cumprod
             if a.shape != b.shape or not torch.allclose(a.cpu(), b.cpu()):
-                raise ValueError(f"guide_model={name}: its noise schedule differs from the model's (timestep t would "
+                raise ValueError(f"{name}: its noise schedule differs from the model's (timestep t would "
                                  "mean another noise level); train the guide with the model's model.schedule")
             if guide.conditioner.input_keys != self.conditioner.input_keys:
-                raise ValueError(f"guide_model={name}: conditioned on {guide.conditioner.input_keys}, the model on "
+                raise ValueError(f"{name}: conditioned on {guide.conditioner.input_keys}, the model on "
                                  f"{self.conditioner.input_keys}")
             guide.to(self.device)
         self.guide = guide
@@ -186,11 +198,11 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
                  class_labels: int | str | Sequence[int | str] | None = None, num_images: int | None = None,
-                 sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = DEFAULT_CFG_SCALE, seed: int = 0,
+                 sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float | None = None, seed: int = 0,
                  init_image: ImageInput | None = None, strength: float = 0.8, mask: ImageInput | None = None,
                  eta: float | None = None, batch_size: int = 32, progress: bool = False,
                  output_type: str = "pil", guidance_interval: Sequence[float] | None = DEFAULT_INTERVAL,
-                 guidance_rescale: float = 0.0, autoguidance: float = 1.0) -> list[Image.Image] | torch.Tensor:
+                 guidance_rescale: float = 0.0, autoguidance: float | None = None) -> list[Image.Image] | torch.Tensor:
         """Generate ``num_images`` per prompt (or class label); returns PIL images or a [-1, 1] tensor.
 
         A class-conditional model given neither prompts nor labels samples every class. ``init_image`` +
@@ -200,9 +212,11 @@ class LatentDiffusionPipeline:
         unconditional half. ``eta`` is for the samplers that take it (ddim, euler_a); others refuse it.
         ``guidance_interval`` [sigma_lo, sigma_hi] guides only the steps whose sigma = sqrt((1 - abar) / abar) lies
         in (lo, hi] (the others run the conditional half alone; None: every step); ``guidance_rescale`` is CFG
-        rescale's phi. The default cfg and interval come from the guidance sweep (``ldm.diffusion.guidance``).
-        ``autoguidance`` w > 1 pushes every step away from the guide model's estimate (needs ``set_guide``).
+        rescale's phi. ``autoguidance`` w > 1 pushes every step away from the guide model's estimate (needs
+        ``set_guide``). The defaults come from the guidance sweep (``ldm.diffusion.guidance``): cfg 5 in (0.5, 3]
+        without a guide model, autoguidance 2.5 with cfg 3.5 in (0.5, 3] with one (``default_guidance``).
         """
+        cfg_scale, autoguidance = default_guidance(self.guide is not None, cfg_scale, autoguidance)
         request = self.check_inputs(prompt, negative_prompt, class_labels, num_images, sampler, steps, cfg_scale,
                                     strength, eta, batch_size, output_type, init_image, mask, guidance_interval,
                                     guidance_rescale, autoguidance)
@@ -229,13 +243,14 @@ class LatentDiffusionPipeline:
         return to_pil(images) if output_type == "pil" else images
 
     @staticmethod
-    def check_arguments(sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = DEFAULT_CFG_SCALE,
+    def check_arguments(sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float | None = None,
                         eta: float | None = None,
                         num_images: int | None = None, batch_size: int = 32, strength: float = 0.8,
                         init_image: ImageInput | None = None, mask: ImageInput | None = None,
                         output_type: str = "pil", guidance_interval: Sequence[float] | None = DEFAULT_INTERVAL,
-                        guidance_rescale: float = 0.0, autoguidance: float = 1.0) -> None:
-        """The checks that need no model (sample.py runs them before loading one)."""
+                        guidance_rescale: float = 0.0, autoguidance: float | None = None) -> None:
+        """The checks that need no model (sample.py runs them before loading one); None: the default."""
+        cfg_scale, autoguidance = default_guidance(False, cfg_scale, autoguidance)
         check_sampler(sampler, {"eta": eta} if eta is not None else {})
         check_interval(guidance_interval)
         check_rescale(guidance_rescale)
@@ -265,7 +280,7 @@ class LatentDiffusionPipeline:
         if autoguidance != 1.0 and self.guide is None:
             raise ValueError(f"autoguidance={autoguidance:g} needs a guide model: guide_model=PATH (sample.py) or "
                              "LatentDiffusionPipeline.from_pretrained(..., guide=PATH); train one with python "
-                             "train.py experiment=ldm_f8_guide")
+                             "train.py experiment=ldm_f8_guide (it is exported into the model's folder as guide/)")
         keys = self.conditioner.input_keys
         if class_labels is not None and "class_label" not in keys:
             raise ValueError(f"class_labels given, but this model is conditioned on {keys}")

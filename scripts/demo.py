@@ -11,7 +11,9 @@ and the closing evaluation cost. It prints the plan, runs each part as its own c
 `train.py` / `sample.py` commands a researcher would type, with the planned budgets as overrides) —
 the judge classifier first, when there is none yet — sizes the cache from the time actually left once
 stage 1 is done, gives stage 2 all that is left once the cache is built, and ends with the time each part took,
-the grid's path and the per-class accuracy of 500 samples at the default guidance. The plan and the
+the grid's path and the per-class accuracy of 500 samples at the default guidance. After stage 2, a share of its
+time trains autoguidance's guide (experiment=ldm_f8_guide, exported into exports/ldm_f8/guide), so the grid and
+the table sample at the guided defaults; --guide-share 0 skips it. The plan and the
 outcome are also written to <root>/logs/demo/<date>.md. Run outputs go where train.py puts them
 (LDM_ROOT or the working directory).
 """
@@ -39,10 +41,15 @@ from ldm.demo.plan import (  # noqa: E402
     PlanError,
     Settings,
     cache_part,
+    guide_overrides,
+    guide_part,
     plan_demo,
+    split_stage2,
     stage2_overrides,
     stage2_part,
     stage2_seconds,
+    stage_overhead,
+    tail_parts,
 )
 from ldm.demo.probe import probe  # noqa: E402
 from ldm.evaluation.report import machine, markdown_table  # noqa: E402
@@ -86,6 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0, help="deadline for the whole demo")
     parser.add_argument("--margin", type=float, default=60.0, help="seconds kept free for what estimates miss")
+    parser.add_argument("--guide-share", type=float, default=Settings.guide_share,
+                        help="share of stage 2's training time for autoguidance's guide model (0: no guide)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     py = sys.executable
@@ -109,7 +118,7 @@ def main() -> None:
     actual["probe"] = time.time() - t
     settings = Settings(minutes=args.minutes, margin_s=args.margin, val_images=ae_cfg.data.val_limit,
                         need_classifier=not (classifier_dir / "config.yaml").is_file(),
-                        ldm_batch_size=ldm_cfg.data.batch_size)
+                        ldm_batch_size=ldm_cfg.data.batch_size, guide_share=args.guide_share)
     try:
         plan = plan_demo(rates, settings, dict(actual))
     except PlanError as err:
@@ -148,11 +157,12 @@ def main() -> None:
     instantiate(compose(["experiment=ldm_f8", f"+data.prepare.limits.train={cache_n}"]).data.prepare)()
     actual["latent cache"] = time.time() - t
 
-    # ... and stage 2 trains for what is left once the cache is built, less the grid and the closing table.
-    ldm_s, _ = stage2_seconds(left(), rates, settings, cache_train=cache_n)
-    replan(stage2_part(ldm_s, rates))
-    plan.ldm_seconds, plan.cache_train_images = ldm_s, cache_n
-    # Validation (loss + the image logger's samples) about every 4 minutes of stage 2, not every short epoch.
+    # ... and stage 2 (with its guide) trains for what is left once the cache is built, less the grid and the table.
+    train2, _ = stage2_seconds(left(), rates, settings, cache_train=cache_n)
+    ldm_s, guide_s = split_stage2(train2, settings)
+    replan(stage2_part(ldm_s, rates), guide_part(guide_s, rates, settings))
+    plan.ldm_seconds, plan.guide_seconds, plan.cache_train_images = ldm_s, guide_s, cache_n
+    # Validation (loss + the image logger's samples) about every 4 minutes of training, not every short epoch.
     val_every = max(1, round(240 / (cache_n / rates.ldm_train)))
     ldm_overrides = ["experiment=ldm_f8", *stage2_overrides(ldm_s, cache_n, rates, settings)]
     log.info("[stage 2] %s left: trains %s with %s", mmss(left()), mmss(ldm_s), " ".join(ldm_overrides[1:]))
@@ -160,6 +170,21 @@ def main() -> None:
     run("stage 2", [py, "train.py", *ldm_overrides, f"trainer.max_time={max_time(ldm_s)}",
                     f"trainer.check_val_every_n_epoch={val_every}"])
     actual["stage 2 (ldm_f8)"] = time.time() - t
+
+    if settings.guide_share > 0:
+        # The guide gets what stage 2 left (an overrun or a saving there moves here), less the grid and the table.
+        guide_s = left() - settings.margin_s - stage_overhead(rates) - sum(p.seconds for p in tail_parts(rates,
+                                                                                                          settings))
+        if guide_s < 30:
+            raise SystemExit(f"demo: only {guide_s:.0f} s are left for the guide model; exports/ldm_f8 is kept (it "
+                             "samples without one) — rerun with a larger --minutes, or --guide-share 0")
+        replan(guide_part(guide_s, rates, settings))
+        plan.guide_seconds = guide_s
+        guide_val = max(1, round(240 / (cache_n * settings.guide_cost / rates.ldm_train)))
+        t = time.time()
+        run("guide", [py, "train.py", "experiment=ldm_f8_guide", *guide_overrides(guide_s, cache_n, rates, settings),
+                      f"trainer.max_time={max_time(guide_s)}", f"trainer.check_val_every_n_epoch={guide_val}"])
+        actual["guide (ldm_f8_guide)"] = time.time() - t
 
     t = time.time()
     run("sampling", [py, "sample.py", f"model_path={exports / 'ldm_f8'}", "num_images=8", f"out_dir={grid_dir}"])
@@ -192,12 +217,14 @@ def _list(node):
 
 def closing_evaluation(model: Path, classifier_dir: Path, ae_cfg, settings: Settings) -> tuple[str, float]:
     """Per-class accuracy and classifier-feature FID (markdown) of ``judge_per_class`` samples per class, at
-    sample.py's default guidance and, beside it, at the cfg-only setting with the lowest FID; the defaults' FID."""
+    sample.py's default guidance (with the model's guide), without the guide, and at the cfg-only setting with the
+    lowest FID; the defaults' FID."""
     import torch
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     from ldm.checkpoints import load_classifier
     from ldm.data.loaders import ShardData
+    from ldm.diffusion.guidance import default_guidance
     from ldm.evaluation.features import build_extractor
     from ldm.evaluation.samples import per_class_accuracy, read_reference, real_accuracy
     from ldm.pipeline import LatentDiffusionPipeline
@@ -215,13 +242,21 @@ def closing_evaluation(model: Path, classifier_dir: Path, ae_cfg, settings: Sett
 
     read_reference(test_images(n), n, fid)
     real = real_accuracy(test_images(2000), classifier, 2000)
-    defaults = compose([], config_name="sample")  # sample.py's default guidance
+    defaults = compose([], config_name="sample")  # sample.py's default guidance, with the model's guide if it has one
+    interval = _list(defaults.guidance_interval)
+    cfg, w = default_guidance(pipe.guide is not None, defaults.cfg_scale, defaults.autoguidance)
+    by = f"autoguidance {w:g} by {pipe.guide.source}, " if w != 1.0 else ""
     settings_by_row = {
-        f"samples at the defaults: cfg {defaults.cfg_scale:g}, {guidance_name(defaults.guidance_interval)}":
-            {"cfg_scale": defaults.cfg_scale, "guidance_interval": _list(defaults.guidance_interval),
-             "guidance_rescale": defaults.guidance_rescale},
-        f"samples, cfg {settings.baseline_cfg:g} at every step (the cfg-only sweep's lowest FID)":
-            {"cfg_scale": settings.baseline_cfg, "guidance_interval": None}}
+        f"samples at the defaults: {by}cfg {cfg:g}, {guidance_name(interval)}":
+            {"cfg_scale": cfg, "autoguidance": w, "guidance_interval": interval,
+             "guidance_rescale": defaults.guidance_rescale}}
+    if w != 1.0:
+        cfg0, _ = default_guidance(False)
+        settings_by_row[f"samples without the guide: cfg {cfg0:g}, {guidance_name(interval)} (the defaults without "
+                        "one)"] = {"cfg_scale": cfg0, "guidance_interval": interval,
+                                   "guidance_rescale": defaults.guidance_rescale}
+    settings_by_row[f"samples, cfg {settings.baseline_cfg:g} at every step (the cfg-only sweep's lowest FID)"] = {
+        "cfg_scale": settings.baseline_cfg, "guidance_interval": None}
     rows, fids = [], {}
     for name, guidance in settings_by_row.items():
         with torch.no_grad():

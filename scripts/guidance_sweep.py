@@ -3,7 +3,7 @@
     python scripts/guidance_sweep.py --model exports/ldm_f8 --scales 1 1.5 2 3 4 --num-samples 500
     python scripts/guidance_sweep.py --model exports/ldm_f8 --scales 1 1.5 2 3 4 --intervals off 0.3,5 1,inf \\
         --run logs/ldm_f8/runs/<run> --sigma-rels 0.05 0.1 0.15 --num-samples 500
-    python scripts/guidance_sweep.py --model exports/ldm_f8 --guide exports/ldm_f8_guide --autoguidance 1 2 2.5 \
+    python scripts/guidance_sweep.py --model exports/ldm_f8 --guide exports/ldm_f8/guide --autoguidance 1 2 2.5 \
         --scales 1 3 --intervals 0.5,3 --num-samples 500
 
 For each setting it generates one sample per reference condition (captions/labels of the first --num-samples test
@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="the model's run folder, for --sigma-rels")
     parser.add_argument("--sigma-rels", type=float, nargs="*", default=[])
     parser.add_argument("--skip-export-ema", action="store_true", help="only the --sigma-rels widths")
-    parser.add_argument("--guide", default=None, help="autoguidance's guide model (exported folder or .ckpt)")
+    parser.add_argument("--guide", default=None, help="autoguidance's guide model (exported folder or .ckpt; 'auto': "
+                        "the model's guide/); without it the model's own guide is not loaded")
     parser.add_argument("--autoguidance", type=float, nargs="+", default=[1.0], help="weights w for --guide")
     parser.add_argument("--merge", nargs="+", default=None, metavar="CSV",
                         help="tabulate the rows of earlier sweeps' guidance_sweep.csv files together (no sampling)")

@@ -20,29 +20,30 @@ def test_plan_fits_the_deadline_and_gives_training_the_rest(rates):
     plan = plan_demo(rates, s, SPENT)
     names = [p.name for p in plan.parts]
     assert names == ["dataset shards", "probe", "classifier", "stage 1 (ae_f8)", "latent cache", "stage 2 (ldm_f8)",
-                     "sampling", "accuracy table"]
+                     "guide (ldm_f8_guide)", "sampling", "accuracy table"]
     # Everything planned, plus the margin, is exactly the deadline: no time is left unused or overbooked.
     assert plan.total_s + s.margin_s == pytest.approx(60 * s.minutes, abs=1.0)
     # Stage 1's share is of the training time before the cache grows past its minimum (which stage 2 pays for).
     grown = (plan.cache_train_images - s.cache_min) / (0.8 * rates.encode)
-    train = plan.ae_seconds + plan.ldm_seconds + grown
+    train = plan.ae_seconds + plan.ldm_seconds + plan.guide_seconds + grown
     assert s.ae_share[0] * train - 1 <= plan.ae_seconds <= s.ae_share[1] * train + 1
     assert s.cache_min <= plan.cache_train_images <= s.train_images
     encode_s = 1 / (0.8 * rates.encode)  # per image, loader and writer overlapping the encoder
-    cap = max(s.cache_share * plan.ldm_seconds, s.cache_min * encode_s) + s.val_images * encode_s
+    cap = max(s.cache_share * (plan.ldm_seconds + plan.guide_seconds), s.cache_min * encode_s) + s.val_images * encode_s
     assert plan.part("latent cache").seconds <= cap + 1
 
 
 def test_slow_machine_caches_less_and_trains_stage_2_longer_relative_to_stage_1():
     fast, slow = plan_demo(FAST, Settings(), SPENT), plan_demo(SLOW, Settings(), SPENT)
     assert slow.cache_train_images < fast.cache_train_images
-    assert slow.ldm_seconds / slow.ae_seconds >= fast.ldm_seconds / fast.ae_seconds
+    stage2 = lambda plan: plan.ldm_seconds + plan.guide_seconds  # noqa: E731 - the model and its guide
+    assert stage2(slow) / slow.ae_seconds >= stage2(fast) / fast.ae_seconds
     # A slow machine is held at the share cap (it cannot reach the stage-1 image target in time).
     assert slow.ae_seconds * SLOW.ae_train < Settings().ae_target_images
-    assert slow.ae_seconds == pytest.approx(Settings().ae_share[1] * (slow.ae_seconds + slow.ldm_seconds), rel=0.05)
+    assert slow.ae_seconds == pytest.approx(Settings().ae_share[1] * (slow.ae_seconds + stage2(slow)), rel=0.05)
     # An existing classifier export frees its time for training.
     reuse = plan_demo(SLOW, Settings(need_classifier=False), SPENT)
-    assert reuse.ldm_seconds + reuse.ae_seconds > slow.ldm_seconds + slow.ae_seconds + 60
+    assert stage2(reuse) + reuse.ae_seconds > stage2(slow) + slow.ae_seconds + 60
 
 
 def test_replanning_moves_stage_1_overrun_into_stage_2_and_refuses_a_machine_too_slow():
@@ -86,6 +87,28 @@ def test_stage_2_recipe_scales_the_warm_up_with_the_planned_steps():
     # 12 minutes at 205 img/s, batch 64: ~2300 steps -> a tenth; 5 minutes on a slow machine: the floor.
     assert warmup_steps(720, Rates(**{**FAST.__dict__, "ldm_train": 205}), s) == 231
     assert warmup_steps(300, SLOW, s) == 50 and warmup_steps(1e6, FAST, s) == 500
-    assert stage2_overrides(720, 17000, FAST, s) == ["+data.prepare.limits.train=17000", "model.min_snr_gamma=5",
-                                                     "callbacks.lr_schedule.warmup_steps=248",
-                                                     "callbacks.export_pipeline.posthoc_sigma_rel=0.15"]
+    recipe = ["+data.prepare.limits.train=17000", "model.min_snr_gamma=5", "callbacks.lr_schedule.warmup_steps=248"]
+    assert stage2_overrides(720, 17000, FAST, s) == recipe  # the export's EMA is the one its guide has
+    assert stage2_overrides(720, 17000, FAST, Settings(guide_share=0)) == [
+        *recipe, "callbacks.export_pipeline.posthoc_sigma_rel=0.15"]
+
+
+def test_the_guide_takes_its_share_of_stage_2_and_none_without_it():
+    from ldm.demo.plan import guide_overrides, sampling_seconds
+
+    s, none = Settings(), Settings(guide_share=0.0)
+    guided, plain = plan_demo(FAST, s, SPENT), plan_demo(FAST, none, SPENT)
+    assert guided.guide_seconds == pytest.approx(s.guide_share * (guided.ldm_seconds + guided.guide_seconds))
+    assert plain.guide_seconds == 0 and "guide (ldm_f8_guide)" not in [p.name for p in plain.parts]
+    assert plain.total_s == pytest.approx(guided.total_s, abs=1.0)  # both fill the deadline
+    # The guide costs its run's start and its forwards in the grid and the table; the rest is training time.
+    extra = (guided.part("guide (ldm_f8_guide)").seconds - guided.guide_seconds
+             + sum(guided.part(n).seconds - plain.part(n).seconds for n in ("sampling", "accuracy table")))
+    trained = lambda plan: plan.ae_seconds + plan.ldm_seconds + plan.guide_seconds  # noqa: E731 - all training
+    assert trained(guided) == pytest.approx(trained(plain) - extra, abs=1) and guided.ldm_seconds < plain.ldm_seconds
+    table = guided.part("accuracy table").seconds - plain.part("accuracy table").seconds
+    assert table == pytest.approx(sampling_seconds(500, FAST, 20, 2 + s.guide_cost), rel=0.01)  # + the no-guide row
+    # Its warm-up: a tenth of the steps its budget buys at its (cheaper) step.
+    steps = 200 * FAST.ldm_train / s.guide_cost / s.ldm_batch_size
+    assert guide_overrides(200, 17000, FAST, s) == ["+data.prepare.limits.train=17000",
+                                                    f"callbacks.lr_schedule.warmup_steps={round(0.1 * steps)}"]

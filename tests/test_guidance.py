@@ -107,7 +107,7 @@ def test_pipeline_autoguidance_needs_a_guide_of_the_same_latents(make_ldm_cfg):
         pipe(**common, autoguidance=2.0)
     plain = pipe(**common)
     pipe.set_guide(guide)
-    torch.testing.assert_close(pipe(**common), plain)  # autoguidance 1: the guide is unused
+    torch.testing.assert_close(pipe(**common, autoguidance=1.0), plain)  # autoguidance 1: the guide is unused
     guided = pipe(**common, autoguidance=2.0)
     assert not torch.allclose(guided, plain)
     itself = pipe.__class__(pipe.unet, pipe.conditioner, pipe.first_stage, pipe.schedule, prediction=pipe.prediction,
@@ -117,7 +117,63 @@ def test_pipeline_autoguidance_needs_a_guide_of_the_same_latents(make_ldm_cfg):
     with torch.no_grad():
         next(guide.first_stage.parameters()).add_(1.0)
     with pytest.raises(ValueError, match="guide_model=other: its first stage differs from the model's"):
-        pipe.set_guide(guide, "other")
+        pipe.set_guide(guide, "guide_model=other")
+
+
+def _perturbed_stage(cfg, scale: float = 0.05):
+    stage = build(cfg.model).eval()
+    with torch.no_grad():
+        for p in stage.unet.parameters():  # outputs that depend on the condition (out is zero-initialised)
+            p.add_(torch.randn_like(p) * scale)
+    return stage
+
+
+def _export(stage, cfg, path):
+    from omegaconf import OmegaConf
+
+    pipe = stage.pipeline()
+    pipe.config = OmegaConf.to_container(cfg.model, resolve=True)  # as ExportPipeline sets it
+    pipe.save_pretrained(path)
+
+
+def test_an_export_carries_its_guide_and_samples_with_it_by_default(make_ldm_cfg, tmp_path):
+    from ldm.callbacks.export import ExportPipeline
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    torch.manual_seed(0)
+    cfg = make_ldm_cfg("ldm_f8", "model/conditioner=class")
+    model, guide = _perturbed_stage(cfg), _perturbed_stage(cfg, 0.1)
+    folder = tmp_path / "ldm_f8"
+    # The guide's run checks, before its first step, that the model it will be exported into exists ...
+    callback = ExportPipeline(str(tmp_path / "unused"), guide_of=str(folder))
+    assert callback.dirpath == folder / "guide"
+    trainer = type("Trainer", (), {"fast_dev_run": False})()
+    with pytest.raises(ValueError, match=f"guide_of={folder}: no model at {folder}.*train the model first"):
+        callback.on_fit_start(trainer, guide)
+    _export(model, cfg, folder)
+    callback.on_fit_start(trainer, guide)  # ... and reads the same latents
+    _export(guide, cfg, folder / "guide")
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)  # guide="auto": the folder's guide/
+    assert pipe.guide is not None and pipe.guide.source == str(folder / "guide")
+    common = {"class_labels": [1, 2], "steps": 3, "seed": 1, "output_type": "tensor"}
+    defaults = pipe(**common)
+    torch.testing.assert_close(defaults, pipe(**common, cfg_scale=3.5, autoguidance=2.5))
+    assert not torch.allclose(defaults, pipe(**common, cfg_scale=3.5, autoguidance=1.0))
+    alone = LatentDiffusionPipeline.from_pretrained(folder, guide=None)
+    assert alone.guide is None
+    torch.testing.assert_close(alone(**common), alone(**common, cfg_scale=5.0, autoguidance=1.0))
+    torch.testing.assert_close(alone(**common, cfg_scale=3.5), pipe(**common, autoguidance=1.0))
+
+    # A guide of other latents is refused when the model loads, and before its run trains.
+    with torch.no_grad():
+        next(guide.first_stage.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match=f"guide_of={folder} .the guide this run trains.: its first stage differs"):
+        callback.on_fit_start(trainer, guide)
+    _export(model, cfg, tmp_path / "other")
+    _export(guide, cfg, tmp_path / "other" / "guide")
+    with pytest.raises(ValueError, match="guide_model=.*other/guide: its first stage differs from the model's"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "other")
 
 
 def test_pipeline_interval_limits_guidance_and_saves_the_unconditional_half(make_ldm_cfg):
@@ -154,23 +210,28 @@ def test_sample_py_takes_the_interval_and_refuses_a_bad_one_in_one_line(tmp_path
     assert "guidance_interval=[5, 1]: expected 0 <= sigma_lo < sigma_hi" in res.stderr
     res = run_script(ROOT / "sample.py", "model_path=/nowhere", "guidance_rescale=2", cwd=tmp_path)
     assert res.returncode == 2 and "guidance_rescale=2: expected a number in [0, 1]" in res.stderr
-    res = run_script(ROOT / "sample.py", "model_path=/nowhere", "autoguidance=2.5", cwd=tmp_path)
-    assert res.returncode == 2 and "autoguidance=2.5 with guide_model=None: set both" in res.stderr
+    res = run_script(ROOT / "sample.py", "model_path=/nowhere", "autoguidance=2.5", "guide_model=null", cwd=tmp_path)
+    assert res.returncode == 2 and "autoguidance=2.5 with guide_model=null: autoguidance needs a guide" in res.stderr
 
 
 def test_the_defaults_agree_everywhere_they_are_written():
     import inspect
 
-    from ldm.diffusion.guidance import DEFAULT_CFG_SCALE, DEFAULT_INTERVAL
+    from ldm.diffusion.guidance import DEFAULT_CFG_SCALE, DEFAULT_INTERVAL, default_guidance
     from ldm.interop.diffusers_components import FrameworkLDMPipeline
     from ldm.pipeline import LatentDiffusionPipeline
     from ldm.utils.config import compose
 
     ours = inspect.signature(LatentDiffusionPipeline.__call__).parameters
     exported = inspect.signature(FrameworkLDMPipeline.__call__).parameters
-    assert ours["cfg_scale"].default == exported["guidance_scale"].default == DEFAULT_CFG_SCALE
-    assert tuple(ours["guidance_interval"].default) == tuple(exported["guidance_interval"].default) == DEFAULT_INTERVAL
     sample = compose([], config_name="sample")
+    # None everywhere: the defaults for a model without a guide (cfg 5), or with one (autoguidance 2.5, cfg 3.5).
+    assert ours["cfg_scale"].default is ours["autoguidance"].default is sample.cfg_scale is sample.autoguidance is None
+    assert sample.guide_model == "auto" and ours["guidance_rescale"].default == sample.guidance_rescale == 0.0
+    assert default_guidance(False) == (exported["guidance_scale"].default, 1.0) == (DEFAULT_CFG_SCALE, 1.0)
+    assert default_guidance(True) == (3.5, 2.5) and default_guidance(True, 2.0, 1.0) == (2.0, 1.0)
+    assert tuple(ours["guidance_interval"].default) == tuple(exported["guidance_interval"].default) == DEFAULT_INTERVAL
     grids = compose(["experiment=ldm_f8"]).model.sampling
+    assert grids.cfg_scale == DEFAULT_CFG_SCALE  # the training-time grids have no guide
     for cfg in (sample, grids):
-        assert cfg.cfg_scale == DEFAULT_CFG_SCALE and tuple(cfg.guidance_interval) == DEFAULT_INTERVAL
+        assert tuple(cfg.guidance_interval) == DEFAULT_INTERVAL

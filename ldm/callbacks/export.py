@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ldm.callbacks.ema import averaged_or
-from ldm.checkpoints import FIRST_STAGE, export_folder
+from ldm.checkpoints import FIRST_STAGE, GUIDE, export_folder
 from ldm.posthoc_ema import gamma_of, reconstruct
 
 log = logging.getLogger(__name__)
@@ -138,14 +138,34 @@ class ExportPipeline(FitClock):
     with a copy of its first stage to ``dirpath`` — one folder ``LatentDiffusionPipeline`` and sample.py load.
 
     ``posthoc_sigma_rel``: export instead the post-hoc EMA of that width (Karras et al. 2024), reconstructed from
-    the snapshots of ``callbacks.posthoc_ema`` (which must be on)."""
+    the snapshots of ``callbacks.posthoc_ema`` (which must be on).
 
-    def __init__(self, dirpath: str, posthoc_sigma_rel: float | None = None):
+    ``guide_of``: this run trains autoguidance's guide for the model exported at that folder (experiment=ldm_f8_guide)
+    and exports into its ``guide/`` (instead of ``dirpath``), where sample.py and the pipeline find it. Checked before
+    the first step: the model must exist and read the same latents (first stage, normalisation, noise schedule,
+    condition); a model exported later to that folder replaces the folder, guide and all."""
+
+    def __init__(self, dirpath: str, posthoc_sigma_rel: float | None = None, guide_of: str | None = None):
         super().__init__()
-        self.dirpath = Path(dirpath)
+        self.guide_of = Path(guide_of) if guide_of else None
+        self.dirpath = self.guide_of / GUIDE if self.guide_of is not None else Path(dirpath)
         if posthoc_sigma_rel is not None:
             gamma_of(posthoc_sigma_rel)  # a width out of range fails here, not after training
         self.posthoc_sigma_rel = posthoc_sigma_rel
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.guide_of is None or trainer.fast_dev_run:
+            return
+        from ldm.pipeline import LatentDiffusionPipeline
+
+        key = f"callbacks.export_pipeline.guide_of={self.guide_of}"
+        try:
+            model = LatentDiffusionPipeline.from_pretrained(self.guide_of, device=pl_module.device, guide=None)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"{key}: {err} (the guide is exported into that model's folder: train the model "
+                             "first)") from None
+        model.set_guide(pl_module.pipeline(), f"{key} (the guide this run trains)")  # raises on other latents
+        model.set_guide(None)
 
     def _posthoc_pipeline(self, trainer: L.Trainer, pl_module: L.LightningModule):
         """The pipeline over the module with its trained weights replaced by the post-hoc EMA of the set width, and

@@ -11,6 +11,10 @@ than the dataset), so a slow machine does not spend a third of its demo encoding
 Stage 2 runs a short-budget recipe: Min-SNR-5 loss weighting and a learning-rate warm-up of a tenth of its
 planned steps (instead of the config's 500 steps, half of a slow machine's run). At a 5-minute budget on the
 same first stage this lifted class accuracy from 59% to 87% (benchmarks/results/demo_run.md).
+
+``guide_share`` of stage 2's training time trains autoguidance's guide after the model (experiment=ldm_f8_guide: 48
+of its 64 channels), exported into the model's folder, so that the grid and the closing table sample at the
+guided defaults (autoguidance 2.5, cfg 3.5 in (0.5, 3]); the choice is measured in docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ class Settings:
     warmup_fraction: float = 0.1     # of stage 2's planned steps, within warmup_bounds
     warmup_bounds: tuple[int, int] = (50, 500)
     min_snr_gamma: float = 5.0
-    posthoc_sigma_rel: float = 0.15  # stage 2 exports this post-hoc EMA width (the guidance sweep's choice)
+    posthoc_sigma_rel: float = 0.15  # without a guide, stage 2 exports this post-hoc EMA width (the sweep's choice)
+    guide_share: float = 0.24        # of stage 2's training time: the guide (4 of 17 min as measured; 0: none)
+    guide_cost: float = 0.64         # a guide step or forward against the model's (48 of 64 channels, measured)
 
 
 @dataclass
@@ -70,6 +76,7 @@ class DemoPlan:
     parts: list[Part] = field(default_factory=list)
     ae_seconds: float = 0.0
     ldm_seconds: float = 0.0
+    guide_seconds: float = 0.0
     cache_train_images: int = 0
 
     @property
@@ -89,8 +96,14 @@ def cache_seconds(images: int, rates: Rates) -> float:
     return images / (0.8 * rates.encode)
 
 
-def sampling_seconds(images: int, rates: Rates, steps: int) -> float:
-    return images * 2 * steps / rates.denoise + images / rates.decode
+def sampling_seconds(images: int, rates: Rates, steps: int, forwards: float = 2.0) -> float:
+    """``forwards``: U-Net forwards per image and step (2 under CFG, + the guide's under autoguidance)."""
+    return images * forwards * steps / rates.denoise + images / rates.decode
+
+
+def default_forwards(s: Settings) -> float:
+    """Forwards per image and step at the defaults the demo samples with: CFG's two, and the guide's if trained."""
+    return 2.0 + (s.guide_cost if s.guide_share > 0 else 0.0)
 
 
 def cache_images(ldm_seconds: float, rates: Rates, s: Settings) -> int:
@@ -113,12 +126,17 @@ def cache_part(cache_train: int, rates: Rates, s: Settings) -> Part:
 def tail_parts(rates: Rates, s: Settings) -> list[Part]:
     """The parts after stage 2: the grid and the closing table."""
     n = 10 * s.judge_per_class
-    return [Part("sampling", rates.startup_s + 7 + sampling_seconds(s.grid_images, rates, s.sampling_steps),
-                 f"grid of {s.grid_images} images, {s.sampling_steps} steps, CFG"),
+    guided = s.guide_share > 0
+    rows = [default_forwards(s), 2.0] + ([2.0] if guided else [])  # the defaults, cfg baseline_cfg (, no guide)
+    what = "the defaults" + (", without the guide" if guided else "")
+    return [Part("sampling", rates.startup_s + 7 + sampling_seconds(s.grid_images, rates, s.sampling_steps,
+                                                                    default_forwards(s)),
+                 f"grid of {s.grid_images} images, {s.sampling_steps} steps, " + ("autoguidance + CFG" if guided
+                                                                                  else "CFG")),
             # + loading the pipeline and the judge, reading the reference images and their features
-            Part("accuracy table", 25 + 2 * sampling_seconds(n, rates, s.sampling_steps),
-                 f"{n} samples ({s.judge_per_class} per class) at the defaults and at cfg {s.baseline_cfg:g}, judged "
-                 "by the classifier")]
+            Part("accuracy table", 25 + sum(sampling_seconds(n, rates, s.sampling_steps, f) for f in rows),
+                 f"{n} samples ({s.judge_per_class} per class) at {what} and at cfg {s.baseline_cfg:g}, judged by "
+                 "the classifier")]
 
 
 def stage_overhead(rates: Rates) -> float:
@@ -126,11 +144,17 @@ def stage_overhead(rates: Rates) -> float:
     return rates.startup_s + 13
 
 
+def stage2_runs(s: Settings) -> int:
+    """Training runs on the latents: the model, and its guide when one is planned."""
+    return 2 if s.guide_share > 0 else 1
+
+
 def stage2_seconds(left_s: float, rates: Rates, s: Settings, cache_train: int | None = None) -> tuple[float, int]:
-    """Stage 2's budget and the cache size given ``left_s`` seconds before the deadline: once stage 1 is done
-    (the cache still to build: its size depends on the budget and the budget on its cost, a few rounds settle
-    both), or with ``cache_train`` once the cache is built (only the grid and the closing table remain)."""
-    tail = stage_overhead(rates) + sum(p.seconds for p in tail_parts(rates, s))
+    """Stage 2's training time (the model's and its guide's budgets together, ``split_stage2``) and the cache size
+    given ``left_s`` seconds before the deadline: once stage 1 is done (the cache still to build: its size depends
+    on the budget and the budget on its cost, a few rounds settle both), or with ``cache_train`` once the cache is
+    built (only the grid and the closing table remain)."""
+    tail = stage2_runs(s) * stage_overhead(rates) + sum(p.seconds for p in tail_parts(rates, s))
     if cache_train is not None:
         return left_s - s.margin_s - tail, cache_train
     cache_train = s.cache_min
@@ -140,19 +164,39 @@ def stage2_seconds(left_s: float, rates: Rates, s: Settings, cache_train: int | 
     return left_s - s.margin_s - tail - cache_part(cache_train, rates, s).seconds, cache_train
 
 
-def warmup_steps(ldm_seconds: float, rates: Rates, s: Settings) -> int:
-    """Stage 2's learning-rate warm-up: ``warmup_fraction`` of the steps its budget buys at the measured rate."""
-    steps = ldm_seconds * rates.ldm_train / s.ldm_batch_size
+def split_stage2(train_s: float, s: Settings) -> tuple[float, float]:
+    """(the model's budget, its guide's): ``guide_share`` of stage 2's training time goes to the guide."""
+    return (1 - s.guide_share) * train_s, s.guide_share * train_s
+
+
+def warmup_steps(ldm_seconds: float, rates: Rates, s: Settings, cost: float = 1.0) -> int:
+    """Stage 2's learning-rate warm-up: ``warmup_fraction`` of the steps its budget buys at the measured rate
+    (``cost``: a step's time against the model's, for the guide)."""
+    steps = ldm_seconds * rates.ldm_train / cost / s.ldm_batch_size
     lo, hi = s.warmup_bounds
     return int(min(hi, max(lo, round(s.warmup_fraction * steps))))
 
 
 def stage2_overrides(ldm_seconds: float, cache_train: int, rates: Rates, s: Settings) -> list[str]:
-    """train.py overrides for stage 2: the cache size, the short-budget recipe (Min-SNR, planned warm-up) and the
-    post-hoc EMA width its export takes."""
+    """train.py overrides for stage 2: the cache size, the short-budget recipe (Min-SNR, planned warm-up) and,
+    without a guide, the post-hoc EMA width its export takes. With a guide the export keeps the EMA the guide also
+    has: autoguidance by a guide of the standard EMA from a post-hoc EMA 0.15 model fell to 72% accuracy at FID 70
+    (the same model's standard EMA: 92% at 17.5; docs/evaluation.md)."""
+    posthoc = [] if s.guide_share > 0 else [f"callbacks.export_pipeline.posthoc_sigma_rel={s.posthoc_sigma_rel:g}"]
     return [f"+data.prepare.limits.train={cache_train}", f"model.min_snr_gamma={s.min_snr_gamma:g}",
-            f"callbacks.lr_schedule.warmup_steps={warmup_steps(ldm_seconds, rates, s)}",
-            f"callbacks.export_pipeline.posthoc_sigma_rel={s.posthoc_sigma_rel:g}"]
+            f"callbacks.lr_schedule.warmup_steps={warmup_steps(ldm_seconds, rates, s)}", *posthoc]
+
+
+def guide_overrides(guide_seconds: float, cache_train: int, rates: Rates, s: Settings) -> list[str]:
+    """train.py overrides for the guide (experiment=ldm_f8_guide): the model's latent cache and a planned warm-up."""
+    return [f"+data.prepare.limits.train={cache_train}",
+            f"callbacks.lr_schedule.warmup_steps={warmup_steps(guide_seconds, rates, s, s.guide_cost)}"]
+
+
+def guide_part(guide_s: float, rates: Rates, s: Settings) -> Part:
+    return Part("guide (ldm_f8_guide)", guide_s + stage_overhead(rates),
+                f"{guide_s / 60:.1f} min budget: ~{guide_s * rates.ldm_train / s.guide_cost:,.0f} samples, 48 of 64 "
+                "channels, exported into exports/ldm_f8/guide")
 
 
 def stage2_part(ldm_s: float, rates: Rates) -> Part:
@@ -170,17 +214,18 @@ def plan_demo(rates: Rates, s: Settings, spent: dict[str, float] | None = None) 
                        + s.val_images / rates.decode)
     first = [classifier_part(rates, s)] if s.need_classifier else []
     # First pass: the parts after stage 1 at the smallest cache, to size the training time to split.
-    fixed = sum(p.seconds for p in first) + stage_overhead(rates) + cache_part(s.cache_min, rates, s).seconds \
-        + sum(p.seconds for p in tail_parts(rates, s))
+    fixed = sum(p.seconds for p in first) + stage2_runs(s) * stage_overhead(rates) \
+        + cache_part(s.cache_min, rates, s).seconds + sum(p.seconds for p in tail_parts(rates, s))
     train = deadline - s.margin_s - stage1_overhead - fixed
     lo, hi = s.ae_share
     ae = min(max(s.ae_target_images / rates.ae_train, lo * train), hi * train)
-    ldm, cache_train = stage2_seconds(deadline - sum(p.seconds for p in first) - stage1_overhead - ae, rates, s)
+    train2, cache_train = stage2_seconds(deadline - sum(p.seconds for p in first) - stage1_overhead - ae, rates, s)
+    ldm, guide = split_stage2(train2, s)
     if ae < 60 or ldm < 120:
         raise PlanError(f"this machine leaves {ae:.0f} s for stage 1 and {ldm:.0f} s for stage 2 within "
                         f"{s.minutes:g} minutes (measured: stage 1 {rates.ae_train:.1f} img/s, stage 2 "
                         f"{rates.ldm_train:.1f} img/s); give the demo more time with --minutes")
-    plan = DemoPlan(ae_seconds=ae, ldm_seconds=ldm, cache_train_images=cache_train)
+    plan = DemoPlan(ae_seconds=ae, ldm_seconds=ldm, guide_seconds=guide, cache_train_images=cache_train)
     plan.parts.extend(Part(name, seconds, "done (measured)") for name, seconds in spent.items())
     plan.parts.extend(first)
     plan.parts.append(Part("stage 1 (ae_f8)", ae + stage1_overhead,
@@ -188,5 +233,7 @@ def plan_demo(rates: Rates, s: Settings, spent: dict[str, float] | None = None) 
                            "img/s (step rate), then latent statistics and export"))
     plan.parts.append(cache_part(cache_train, rates, s))
     plan.parts.append(stage2_part(ldm, rates))
+    if guide > 0:
+        plan.parts.append(guide_part(guide, rates, s))
     plan.parts.extend(tail_parts(rates, s))
     return plan

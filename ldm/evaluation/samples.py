@@ -117,17 +117,17 @@ def per_class_accuracy(pipe: LatentDiffusionPipeline, classifier: nn.Module, per
                        sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0,
                        seed: int = 0, batch_size: int = 100, fid: FrechetInceptionDistance | None = None,
                        guidance_interval: Sequence[float] | None = None,
-                       guidance_rescale: float = 0.0) -> dict[str, float]:
+                       guidance_rescale: float = 0.0, autoguidance: float = 1.0) -> dict[str, float]:
     """``per_class`` samples of each Fashion-MNIST class (its caption or label), judged by ``classifier``: the
     share classified as their class, per class name and overall (``all``). ``fid`` (holding reference
-    statistics) also receives the samples."""
+    statistics) also receives the samples. ``autoguidance`` > 1 needs the pipeline's guide."""
     from ldm.data.fashion_mnist import CLASS_NAMES, caption_for
 
     labels = [c for c in range(len(CLASS_NAMES)) for _ in range(per_class)]
     conditions = Conditions([caption_for(c) for c in labels], labels)
     images = generate(pipe, conditions, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
                       batch_size=batch_size, progress=True, guidance_interval=guidance_interval,
-                      guidance_rescale=guidance_rescale)
+                      guidance_rescale=guidance_rescale, autoguidance=autoguidance)
     pred = torch.cat([classifier(images[i:i + batch_size].float().cpu() * 2 - 1).argmax(1)
                       for i in range(0, len(images), batch_size)])
     if fid is not None:
