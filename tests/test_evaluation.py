@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -291,6 +292,20 @@ def test_demo_closing_table_judges_samples_and_real_images(tiny_exports, data_di
     assert lines[-1].startswith("| real test images |")
     assert float(lines[-3].split("|")[2]) == pytest.approx(fid, abs=0.05)  # the defaults' FID is the one returned
     assert fid >= 0 and fid < float("inf")
+
+    # A model exported with its guide (here the model itself, which reads the same latents): the defaults are
+    # autoguidance's, and the table adds the defaults without the guide.
+    shutil.copytree(tiny_exports / "ldm_f8", tmp_path / "ldm_f8")
+    shutil.copytree(tiny_exports / "ldm_f8", tmp_path / "ldm_f8" / "guide")
+    table, fid = demo.closing_evaluation(tmp_path / "ldm_f8", classifier_dir, ae_cfg,
+                                         Settings(judge_per_class=2, sampling_steps=2))
+    lines = table.splitlines()
+    assert lines[-4].startswith(f"| samples at the defaults: autoguidance 2.5 by {tmp_path / 'ldm_f8' / 'guide'}, "
+                                "cfg 3.5, guidance where sigma is in (0.5, 3] |")
+    assert lines[-3].startswith("| samples without the guide: cfg 5, guidance where sigma is in (0.5, 3] (the "
+                                "defaults without one) |")
+    assert lines[-2].startswith("| samples, cfg 1.5 at every step") and lines[-1].startswith("| real test images |")
+    assert float(lines[-4].split("|")[2]) == pytest.approx(fid, abs=0.05)
 
 
 def test_accuracy_by_class_counts_each_class_apart():
