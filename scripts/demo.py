@@ -13,7 +13,8 @@ the judge classifier first, when there is none yet — sizes the cache from the 
 stage 1 is done, gives stage 2 all that is left once the cache is built, and ends with the time each part took,
 the grid's path and the per-class accuracy of 500 samples at the default guidance. After stage 2, a share of its
 time trains autoguidance's guide (experiment=ldm_f8_guide, exported into exports/ldm_f8/guide), so the grid and
-the table sample at the guided defaults; --guide-share 0 skips it. The plan and the
+the table sample at the guided defaults, where the model still gets enough steps for the guide to help (the plan
+says when it does not); --guide-share 0 skips it. The plan and the
 outcome are also written to <root>/logs/demo/<date>.md. Run outputs go where train.py puts them
 (LDM_ROOT or the working directory).
 """
@@ -126,6 +127,9 @@ def main() -> None:
     log.info("measured (img/s): stage 1 %.1f, stage 2 %.0f, encoder %.0f, U-Net sampling forward %.0f, decoder %.0f, "
              "classifier %.0f; process start %.1f s", rates.ae_train, rates.ldm_train, rates.encode, rates.denoise,
              rates.decode, rates.classifier_train, rates.startup_s)
+    if plan.note:
+        log.info("%s", plan.note)
+    settings = plan.settings  # without the guide's share where it was dropped
     log.info("plan (mm:ss):\n%s", plan_table(plan))
 
     def left() -> float:

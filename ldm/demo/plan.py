@@ -14,12 +14,14 @@ same first stage this lifted class accuracy from 59% to 87% (benchmarks/results/
 
 ``guide_share`` of stage 2's training time trains autoguidance's guide after the model (experiment=ldm_f8_guide: 48
 of its 64 channels), exported into the model's folder, so that the grid and the closing table sample at the
-guided defaults (autoguidance 2.5, cfg 3.5 in (0.5, 3]); the choice is measured in docs/evaluation.md.
+guided defaults (autoguidance 2.5, cfg 3.5 in (0.5, 3]); the choice is measured in docs/evaluation.md. Only where
+the model still gets ``guide_min_steps`` steps: autoguidance helped models of 3,584 and 4,003 steps, was mixed at
+2,585 and hurt at 1,575 (an AVX2 run), where the guide's time does more for the model itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Settings:
     posthoc_sigma_rel: float = 0.15  # without a guide, stage 2 exports this post-hoc EMA width (the sweep's choice)
     guide_share: float = 0.24        # of stage 2's training time: the guide (4 of 17 min as measured; 0: none)
     guide_cost: float = 0.64         # a guide step or forward against the model's (48 of 64 channels, measured)
+    guide_min_steps: int = 3_500     # the model's planned steps (probe rate) with the guide; fewer: no guide
 
 
 @dataclass
@@ -78,6 +81,8 @@ class DemoPlan:
     ldm_seconds: float = 0.0
     guide_seconds: float = 0.0
     cache_train_images: int = 0
+    settings: Settings = field(default_factory=Settings)  # as planned by: guide_share 0 where no guide fits
+    note: str = ""                                          # why the plan differs from the settings asked for
 
     @property
     def total_s(self) -> float:
@@ -172,7 +177,7 @@ def split_stage2(train_s: float, s: Settings) -> tuple[float, float]:
 def warmup_steps(ldm_seconds: float, rates: Rates, s: Settings, cost: float = 1.0) -> int:
     """Stage 2's learning-rate warm-up: ``warmup_fraction`` of the steps its budget buys at the measured rate
     (``cost``: a step's time against the model's, for the guide)."""
-    steps = ldm_seconds * rates.ldm_train / cost / s.ldm_batch_size
+    steps = model_steps(ldm_seconds, rates, s) / cost
     lo, hi = s.warmup_bounds
     return int(min(hi, max(lo, round(s.warmup_fraction * steps))))
 
@@ -205,8 +210,24 @@ def stage2_part(ldm_s: float, rates: Rates) -> Part:
                 "img/s (step rate), Min-SNR-5, then export")
 
 
+def model_steps(ldm_seconds: float, rates: Rates, s: Settings) -> float:
+    """Stage 2's training steps in ``ldm_seconds`` at the probe's step rate (the real run has its loaders too)."""
+    return ldm_seconds * rates.ldm_train / s.ldm_batch_size
+
+
 def plan_demo(rates: Rates, s: Settings, spent: dict[str, float] | None = None) -> DemoPlan:
-    """The whole demo's plan, after the parts already done (``spent``: name -> measured seconds)."""
+    """The whole demo's plan, after the parts already done (``spent``: name -> measured seconds); without the guide
+    (``plan.settings.guide_share`` 0) where the model would get fewer than ``guide_min_steps`` steps with it."""
+    plan = _plan(rates, s, spent)
+    steps = model_steps(plan.ldm_seconds, rates, s)
+    if plan.guide_seconds > 0 and steps < s.guide_min_steps:
+        plan = _plan(rates, replace(s, guide_share=0.0), spent)
+        plan.note = (f"no guide model: beside one, stage 2's model would train ~{steps:,.0f} steps, fewer than the "
+                     f"{s.guide_min_steps:,} at which autoguidance helped (ldm/demo/plan.py); the model gets its time")
+    return plan
+
+
+def _plan(rates: Rates, s: Settings, spent: dict[str, float] | None = None) -> DemoPlan:
     spent = spent or {}
     deadline = 60 * s.minutes - sum(spent.values())
     # + the latent statistics of the export and a last validation pass (encode and decode the validation images)
@@ -225,7 +246,7 @@ def plan_demo(rates: Rates, s: Settings, spent: dict[str, float] | None = None) 
         raise PlanError(f"this machine leaves {ae:.0f} s for stage 1 and {ldm:.0f} s for stage 2 within "
                         f"{s.minutes:g} minutes (measured: stage 1 {rates.ae_train:.1f} img/s, stage 2 "
                         f"{rates.ldm_train:.1f} img/s); give the demo more time with --minutes")
-    plan = DemoPlan(ae_seconds=ae, ldm_seconds=ldm, guide_seconds=guide, cache_train_images=cache_train)
+    plan = DemoPlan(ae_seconds=ae, ldm_seconds=ldm, guide_seconds=guide, cache_train_images=cache_train, settings=s)
     plan.parts.extend(Part(name, seconds, "done (measured)") for name, seconds in spent.items())
     plan.parts.extend(first)
     plan.parts.append(Part("stage 1 (ae_f8)", ae + stage1_overhead,
