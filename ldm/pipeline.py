@@ -134,6 +134,10 @@ class LatentDiffusionPipeline:
         if guide == "auto":
             guide = bundled_guide(path)
         if guide is not None:
+            if not Path(guide).exists():
+                raise FileNotFoundError(f"guide_model={guide}: no guide model there; train one after the model with "
+                                        "python train.py experiment=ldm_f8_guide (exported into the model's folder as "
+                                        "guide/), or give an export folder or a .ckpt")
             pipe.set_guide(cls.from_pretrained(guide, device, ema, guide=None), f"guide_model={guide}")
         return pipe
 

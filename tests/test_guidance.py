@@ -162,6 +162,8 @@ def test_an_export_carries_its_guide_and_samples_with_it_by_default(make_ldm_cfg
     assert not torch.allclose(defaults, pipe(**common, cfg_scale=3.5, autoguidance=1.0))
     alone = LatentDiffusionPipeline.from_pretrained(folder, guide=None)
     assert alone.guide is None
+    with pytest.raises(FileNotFoundError, match=f"guide_model={tmp_path / 'nowhere'}: no guide model there"):
+        LatentDiffusionPipeline.from_pretrained(folder, guide=tmp_path / "nowhere")
     torch.testing.assert_close(alone(**common), alone(**common, cfg_scale=5.0, autoguidance=1.0))
     torch.testing.assert_close(alone(**common, cfg_scale=3.5), pipe(**common, autoguidance=1.0))
 
