@@ -92,8 +92,10 @@ def test_stage_2_recipe_scales_the_warm_up_with_the_planned_steps():
     assert warmup_steps(300, SLOW, s) == 50 and warmup_steps(1e6, FAST, s) == 500
     recipe = ["+data.prepare.limits.train=17000", "model.min_snr_gamma=5", "callbacks.lr_schedule.warmup_steps=248"]
     assert stage2_overrides(720, 17000, FAST, s) == recipe  # the export's EMA is the one its guide has
-    assert stage2_overrides(720, 17000, FAST, Settings(guide_share=0)) == [
-        *recipe, "callbacks.export_pipeline.posthoc_sigma_rel=0.15"]
+    assert stage2_overrides(720, 17000, FAST, Settings(guide_share=0)) == recipe  # ~2,500 steps: too few snapshots
+    assert stage2_overrides(1500, 17000, FAST, Settings(guide_share=0)) == [
+        "+data.prepare.limits.train=17000", "model.min_snr_gamma=5", "callbacks.lr_schedule.warmup_steps=500",
+        "callbacks.export_pipeline.posthoc_sigma_rel=0.15"]
 
 
 def test_the_guide_takes_its_share_of_stage_2_and_none_without_it():
