@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--guide-share", type=float, default=Settings.guide_share,
                         help="share of stage 2's training time for autoguidance's guide model (0: no guide)")
     args = parser.parse_args()
+    if not 0.0 <= args.guide_share < 1.0:
+        parser.error(f"--guide-share {args.guide_share:g}: expected a share of stage 2's time in [0, 1) (0: no guide)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     py = sys.executable
     ae_cfg = compose(["experiment=ae_f8"])

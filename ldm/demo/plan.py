@@ -175,6 +175,11 @@ def split_stage2(train_s: float, s: Settings) -> tuple[float, float]:
     return (1 - s.guide_share) * train_s, s.guide_share * train_s
 
 
+def model_steps(ldm_seconds: float, rates: Rates, s: Settings) -> float:
+    """Stage 2's training steps in ``ldm_seconds`` at the probe's step rate (the real run has its loaders too)."""
+    return ldm_seconds * rates.ldm_train / s.ldm_batch_size
+
+
 def warmup_steps(ldm_seconds: float, rates: Rates, s: Settings, cost: float = 1.0) -> int:
     """Stage 2's learning-rate warm-up: ``warmup_fraction`` of the steps its budget buys at the measured rate
     (``cost``: a step's time against the model's, for the guide)."""
@@ -212,11 +217,6 @@ def stage2_part(ldm_s: float, rates: Rates) -> Part:
     return Part("stage 2 (ldm_f8)", ldm_s + stage_overhead(rates),
                 f"{ldm_s / 60:.1f} min budget: ~{ldm_s * rates.ldm_train:,.0f} samples at {rates.ldm_train:.0f} "
                 "img/s (step rate), Min-SNR-5, then export")
-
-
-def model_steps(ldm_seconds: float, rates: Rates, s: Settings) -> float:
-    """Stage 2's training steps in ``ldm_seconds`` at the probe's step rate (the real run has its loaders too)."""
-    return ldm_seconds * rates.ldm_train / s.ldm_batch_size
 
 
 def plan_demo(rates: Rates, s: Settings, spent: dict[str, float] | None = None) -> DemoPlan:

@@ -29,9 +29,10 @@ import torch
 # fell from 44.7 (cfg 4 at every step, the former default) to 27.3 with class accuracy 97.0% (was 98.2%).
 DEFAULT_CFG_SCALE = 5.0
 DEFAULT_INTERVAL = (0.5, 3.0)
-# A model exported with its guide (``<export>/guide``, trained by experiment=ldm_f8_guide; make demo trains one) samples
-# by default with autoguidance 2.5 and cfg 3.5, in the same interval: on the same export and evaluation, 96.0% at FID
-# 15.78 (benchmarks/results/guidance_sweep/guide48.md), where cfg alone at best reached FID 16.04 at 90.4%.
+# A model exported with its guide (``<export>/guide``, trained by experiment=ldm_f8_guide; make demo trains one where
+# the machine gives the model enough steps beside it) samples by default with autoguidance 2.5 and cfg 3.5, in the
+# same interval: on the same export and evaluation, 96.0% at FID 15.78 (benchmarks/results/guidance_sweep/guide48.md),
+# where cfg alone at best reached FID 16.04 at 90.4%.
 GUIDED_CFG_SCALE = 3.5
 DEFAULT_AUTOGUIDANCE = 2.5
 
