@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -58,6 +60,22 @@ def test_scale_lr_multiplies_both_stage_one_optimisers_by_the_global_batch(make_
     assert [g["base_lr"] for g in LAST_LR] == pytest.approx([cfg.model.optimizer.lr * 4,
                                                              cfg.model.disc_optimizer.lr * 4])
     assert _logged_lr(Path(cfg.paths.output_dir))[0] == pytest.approx(cfg.model.optimizer.lr * 4)
+
+
+@pytest.mark.parametrize("scale_lr, base", [(True, 6e-4), (False, 3e-4)])
+def test_a_resume_at_another_world_size_rescales_the_base_lr_as_scale_lr_says(caplog, scale_lr, base):
+    """A run checkpointed at global batch 8 (2 ranks x 4) resumes on 4 ranks: base lr x 16/8 under scale_lr, kept as
+    configured otherwise; the log names the change (the end-to-end resume: tests/test_scale_out.py)."""
+    opt = SimpleNamespace(param_groups=[{"lr": 3e-4, "base_lr": 3e-4, "global_batch": 8}])
+    trainer = SimpleNamespace(max_steps=100, max_epochs=None, callbacks=[], optimizers=[opt],
+                              datamodule=SimpleNamespace(batch_size=4), num_devices=4, num_nodes=1,
+                              accumulate_grad_batches=1)
+    with caplog.at_level(logging.INFO, logger="ldm.callbacks.lr_schedule"):
+        LRSchedule(scale_lr=scale_lr).on_train_start(trainer, None)
+    group = opt.param_groups[0]
+    assert group["base_lr"] == pytest.approx(base) and group["global_batch"] == 16
+    rule = "base lr 0.0003 -> 0.0006 (scale_lr" if scale_lr else "base lr 0.0003 as configured (scale_lr=false)"
+    assert f"global batch 8 -> 16: optimiser 0 {rule}" in caplog.text
 
 
 LAST_LR: list[dict] = []
