@@ -165,6 +165,7 @@ def main() -> None:
 
     # ... and stage 2 (with its guide) trains for what is left once the cache is built, less the grid and the table.
     train2, _ = stage2_seconds(left(), rates, settings, cache_train=cache_n)
+    # Whether a guide is trained was decided once, by the plan on the probe's rates; an overrun here only shrinks both.
     ldm_s, guide_s = split_stage2(train2, settings)
     replan(stage2_part(ldm_s, rates), guide_part(guide_s, rates, settings))
     plan.ldm_seconds, plan.guide_seconds, plan.cache_train_images = ldm_s, guide_s, cache_n
