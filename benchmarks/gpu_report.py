@@ -152,13 +152,13 @@ def main() -> None:
              ("train_step", [py, str(HERE / "train_step.py"), *smoke_flag], 120),
              ("ldm_f8 loop", [py, str(HERE / "gpu_report.py"), "--part", "loop",
                               f"--loop-steps={args.loop_steps}", *smoke_flag], 240)]
-    if smoke:  # the report's own work (parts in child processes, their tables gathered); the parts' scripts have
-        parts = [parts[0], parts[3]]  # smoke tests of their own
+    if smoke:  # the report's own work: its loop part in a child process, that table gathered (the other parts'
+        parts = [parts[3]]  # scripts have smoke tests of their own)
     status = [run_part(name, cmd, timeout, work / f"{name.replace(' ', '_')}.log") for name, cmd, timeout in parts]
     results = Path(os.environ[SMOKE_ENV]) / "results" if smoke else HERE / "results"
     sections = []
     for name in ("mfu_sd_cuda_b16", "mfu_sd_cuda_b64", "train_step_cuda", "gpu_ldm_f8_loop") if not smoke else \
-            ("mfu_ldm_f8_cpu_b2", "gpu_ldm_f8_loop"):
+            ("gpu_ldm_f8_loop",):
         path = results / f"{name}.md"
         sections.append(f"## {name}\n\n" + (path.read_text().split("\n", 2)[2] if path.is_file() else "(not written)"))
     body = (f"Device: {device}; torch {torch.__version__}.\n\n" + markdown_table(status, list(status[0]))

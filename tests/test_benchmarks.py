@@ -29,4 +29,6 @@ def test_benchmark_runs_under_smoke(script, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     written = list((tmp_path / "results").glob("*.md"))
     assert written and all("|" in p.read_text() for p in written)  # a table was written, under the smoke folder
+    if script == "gpu_report.py":  # the part's own table, gathered from its child process
+        assert "ldm_f8 loop" in (tmp_path / "results" / "gpu_report.md").read_text().split("## gpu_ldm_f8_loop")[1]
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
