@@ -247,6 +247,41 @@ def test_ablation_report_and_guidance_sweep_write_tables_and_plots(tiny_exports,
     assert merged == rows  # the same settings once, the same front
     assert "- cfg 3: FID" in (tmp_path / "merged" / "guidance_sweep.md").read_text()
 
+    # --seeds: each setting once per seed, the mean in the usual columns and every seed's scores beside it.
+    one = ["--model", str(tiny_exports / "ldm_f8"), "--scales", "3", *common]
+    for name, seeds in (("seed1", ["--seed", "1"]), ("seeds", ["--seeds", "0", "1"])):
+        res = _script("scripts/guidance_sweep.py", *one, *seeds, "--out", str(tmp_path / name))
+        assert res.returncode == 0, res.stderr[-3000:]
+    seed1, = list(csv.DictReader(open(tmp_path / "seed1" / "guidance_sweep.csv")))
+    both, = list(csv.DictReader(open(tmp_path / "seeds" / "guidance_sweep.csv")))
+    seed0 = next(r for r in rows if r["autoguidance"] == "1" and r["cfg scale"] == "3" and r["interval"] == "off")
+    for key in ("fid_classifier", "class_accuracy"):
+        assert float(both[key]) == pytest.approx((float(seed0[key]) + float(seed1[key])) / 2, abs=0.01)
+        assert [float(v) for v in both[f"per seed: {key}"].split(" / ")] == [float(seed0[key]), float(seed1[key])]
+    assert "seeds 0, 1 (their mean" in (tmp_path / "seeds" / "guidance_sweep.md").read_text()
+
+
+def test_guidance_sweep_runs_every_setting_once_per_seed_and_averages(tiny_exports):
+    """Which seed each evaluation gets (the tiny model's scores hardly move with it): a judge that records its calls
+    and scores by seed."""
+    spec = importlib.util.spec_from_file_location("guidance_sweep", ROOT / "scripts" / "guidance_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    calls = []
+
+    def judge(pipe, cfg_scale, seed, **kw):
+        calls.append((cfg_scale, seed))
+        return {"fid_classifier": 10.0 + seed, "class_accuracy": 0.5 + seed / 10}
+
+    args = mock.Mock(model=str(tiny_exports / "ldm_f8"), guide=None, scales=[1.0, 3.0], intervals=[None],
+                     rescales=[0.0], autoguidance=[1.0], sigma_rels=[], skip_export_ema=False, seeds=[0, 2],
+                     seed=0, sampler="dpmpp_2m", steps=2)
+    with mock.patch.object(sweep, "judge_from_args", return_value=judge):
+        rows = sweep.sweep(args)
+    assert calls == [(1.0, 0), (1.0, 2), (3.0, 0), (3.0, 2)]
+    assert [(r["fid_classifier"], r["class_accuracy"]) for r in rows] == [(11.0, 60.0)] * 2
+    assert rows[0]["per seed: fid_classifier"] == "10 / 12" and rows[0]["per seed: class_accuracy"] == "50 / 70"
+
 
 def test_ablation_findings_state_the_trend_and_refuse_noise():
     spec = importlib.util.spec_from_file_location("ablation_report", ROOT / "scripts" / "ablation_report.py")
