@@ -123,3 +123,26 @@ def test_the_guide_takes_its_share_of_stage_2_and_none_without_it():
     steps = 200 * FAST.ldm_train / s.guide_cost / s.ldm_batch_size
     assert guide_overrides(200, 17000, FAST, s) == ["+data.prepare.limits.train=17000",
                                                     f"callbacks.lr_schedule.warmup_steps={round(0.1 * steps)}"]
+
+
+def test_make_demo_counts_its_set_up_against_the_deadline():
+    """``make demo`` passes its start (--since): the venv and package install are a part already spent, so the
+    training budgets shrink by that time and the plan still ends at the deadline."""
+    s = Settings()
+    plain = plan_demo(FAST, s, SPENT)
+    with_setup = plan_demo(FAST, s, {"set-up (make)": 90.0, **SPENT})
+    assert with_setup.total_s + s.margin_s == pytest.approx(60 * s.minutes, abs=1.0)
+    assert with_setup.part("set-up (make)").seconds == 90.0
+    trained = lambda p: p.ae_seconds + p.ldm_seconds + p.guide_seconds
+    assert trained(plain) - 90.0 - 1 <= trained(with_setup) < trained(plain) - 60.0
+
+
+@pytest.mark.parametrize("since", ["+100", "-1900"])
+def test_demo_refuses_a_start_after_its_own_or_before_the_deadline(since):
+    import time
+
+    from tests.conftest import ROOT
+    from tests.script_runner import run_script
+
+    res = run_script(ROOT / "scripts" / "demo.py", "--since", str(time.time() + float(since)), cwd=ROOT)
+    assert res.returncode == 2 and "--since" in res.stderr and "expected when `make demo` started" in res.stderr
