@@ -108,6 +108,7 @@ def main() -> None:
         parser.error(f"--since {args.since:.0f}: expected when `make demo` started, in seconds since the epoch: at "
                      f"most this script's start ({START:.0f}) and less than the {args.minutes:g}-minute deadline "
                      "before it")
+    start = min(start, START)  # a second of clock rounding is not a negative set-up
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     py = sys.executable
     ae_cfg = compose(["experiment=ae_f8"])
